@@ -1,0 +1,199 @@
+"""Input checks for every public op, in one place.
+
+Each check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape or
+value) with a message that names the argument, what was expected and what was given.
+Checks that need tensor *values* (``lengths``, ``cu_seqlens``, indices) run in eager mode
+only: under ``torch.compile`` they would break the graph, and the kernels clamp those
+values anyway so an unchecked bad value can never read out of bounds. NaN/Inf checks are
+opt-in (``check_values=True``) because they sync the device.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from ._dispatch import BACKEND_CHOICES
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def eager() -> bool:
+    """False while dynamo traces: value checks are skipped then (see module docstring)."""
+    return not torch.compiler.is_compiling()
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_backend(backend: Any) -> str:
+    return check_choice(backend, "backend", BACKEND_CHOICES)
+
+
+def check_tensor(x: Any, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(x).__name__}")
+    return x
+
+
+def check_float(x: Any, name: str) -> Tensor:
+    """A floating tensor of a supported dtype (no int, bool or complex)."""
+    check_tensor(x, name)
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64; got {x.dtype}")
+    return x
+
+
+def check_rank(x: Tensor, name: str, ranks: Sequence[int], shape_doc: str) -> None:
+    if x.dim() not in ranks:
+        raise ValueError(f"{name} must have shape {shape_doc}; got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+
+
+def check_same_device(x: Tensor, name: str, ref: Tensor, ref_name: str) -> None:
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the same device as {ref_name} ({ref.device}); got {x.device}")
+
+
+def batched_tokens(tokens: Any, name: str = "tokens") -> tuple[Tensor, bool]:
+    """``[B, N, D]`` or ``[N, D]`` float tokens -> (the ``[B, N, D]`` view, was it unbatched)."""
+    check_float(tokens, name)
+    check_rank(tokens, name, (2, 3), "[B, N, D] or [N, D]")
+    unbatched = tokens.dim() == 2
+    tokens = tokens.unsqueeze(0) if unbatched else tokens
+    if tokens.shape[-1] < 1:
+        raise ValueError(f"{name} must have at least one feature (D >= 1); got shape {tuple(tokens.shape)}")
+    return tokens, unbatched
+
+
+def per_token(x: Any, name: str, tokens: Tensor, unbatched: bool, tokens_name: str = "tokens") -> Tensor:
+    """A ``[B, N]`` (``[N]`` when unbatched) float tensor matching ``tokens [B, N, D]``."""
+    check_float(x, name)
+    want = "[N]" if unbatched else "[B, N]"
+    check_rank(x, name, (1,) if unbatched else (2,), f"{want} to match {tokens_name}")
+    x = x.unsqueeze(0) if unbatched else x
+    if tuple(x.shape) != tuple(tokens.shape[:2]):
+        b, n = tokens.shape[:2]
+        raise ValueError(
+            f"{name} must have shape {want} = {(n,) if unbatched else (b, n)} to match {tokens_name}; "
+            f"got {tuple(x.shape[1:]) if unbatched else tuple(x.shape)}"
+        )
+    check_same_device(x, name, tokens, tokens_name)
+    return x
+
+
+def check_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or isinstance(value, Tensor):
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int; got {type(value).__name__}") from None
+
+
+def check_k(k: Any, n: int, name: str = "k") -> int:
+    k = check_int(k, name)
+    if k < 1 or k > n:
+        raise ValueError(f"{name} must satisfy 1 <= {name} <= N = {n}; got {k}")
+    return k
+
+
+def check_alpha(alpha: Any, name: str = "alpha") -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name} must be a float; got {type(alpha).__name__}")
+    if not eager():
+        return alpha  # may be a symbolic float under torch.compile(dynamic=True)
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"{name} must be finite and >= 0; got {alpha}")
+    return alpha
+
+
+def check_lengths(lengths: Any, batch: int, n: int, device: torch.device, k: int | None = None) -> Tensor | None:
+    """Valid-token counts ``[B]`` -> int64 on ``device``; each in ``[1, N]`` and ``>= k``."""
+    if lengths is None:
+        return None
+    check_tensor(lengths, "lengths")
+    if lengths.dtype not in INDEX_DTYPES:
+        raise TypeError(f"lengths must be an int32 or int64 tensor; got {lengths.dtype}")
+    if lengths.dim() != 1 or lengths.shape[0] != batch:
+        raise ValueError(f"lengths must have shape [B] = ({batch},); got {tuple(lengths.shape)}")
+    if eager() and batch > 0:
+        lo, hi = int(lengths.min()), int(lengths.max())
+        if lo < 1 or hi > n:
+            raise ValueError(f"lengths must lie in [1, N = {n}]; got values in [{lo}, {hi}]")
+        if k is not None and k > lo:
+            raise ValueError(f"k must be <= every lengths[b]; got k = {k} and min(lengths) = {lo}")
+    return lengths.to(device=device, dtype=torch.int64)
+
+
+def check_cu_seqlens(cu_seqlens: Any, total: int, device: torch.device) -> Tensor:
+    """Packed-sequence offsets ``[B+1]``: start at 0, strictly increasing, end at ``T``."""
+    check_tensor(cu_seqlens, "cu_seqlens")
+    if cu_seqlens.dtype not in INDEX_DTYPES:
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor; got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(f"cu_seqlens must have shape [B+1] with B >= 0; got {tuple(cu_seqlens.shape)}")
+    if eager():
+        values = cu_seqlens.tolist()
+        if values[0] != 0 or values[-1] != total:
+            raise ValueError(f"cu_seqlens must start at 0 and end at T = {total}; got {values[0]} ... {values[-1]}")
+        if any(b <= a for a, b in zip(values, values[1:])):
+            raise ValueError("cu_seqlens must be strictly increasing (every sequence needs >= 1 token)")
+    return cu_seqlens.to(device=device, dtype=torch.int64)
+
+
+def check_k_per_seq(k: Any, cu_seqlens: Tensor, device: torch.device) -> Tensor:
+    """``k`` as an int or an int tensor ``[B]`` -> int64 ``[B]``, each in ``[1, seqlen_b]``."""
+    batch = cu_seqlens.shape[0] - 1
+    seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
+    if isinstance(k, Tensor):
+        if k.dtype not in INDEX_DTYPES:
+            raise TypeError(f"k must be an int or an int32/int64 tensor [B]; got a {k.dtype} tensor")
+        if k.dim() != 1 or k.shape[0] != batch:
+            raise ValueError(f"k as a tensor must have shape [B] = ({batch},); got {tuple(k.shape)}")
+        ks = k.to(device=device, dtype=torch.int64)
+    else:
+        ks = torch.full((batch,), check_int(k, "k"), dtype=torch.int64, device=device)
+    if eager() and batch > 0:
+        bad = (ks < 1) | (ks > seqlens.to(device))
+        if bool(bad.any()):
+            b = int(torch.nonzero(bad)[0])
+            raise ValueError(
+                f"k must satisfy 1 <= k <= seqlen for every sequence; sequence {b} has "
+                f"{int(seqlens[b])} tokens and k = {int(ks[b])}"
+            )
+    return ks
+
+
+def check_indices(indices: Any, batch: int, n: int, unbatched: bool, lengths: Tensor | None, device: torch.device) -> Tensor:
+    """Selected indices ``[B, K]`` (``[K]`` unbatched), each in ``[0, lengths[b])``."""
+    check_tensor(indices, "indices")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"indices must be an int32 or int64 tensor; got {indices.dtype}")
+    want = "[K]" if unbatched else "[B, K]"
+    check_rank(indices, "indices", (1,) if unbatched else (2,), want)
+    indices = indices.unsqueeze(0) if unbatched else indices
+    if indices.shape[0] != batch or indices.shape[1] < 1:
+        raise ValueError(f"indices must have shape {want} with B = {batch} and K >= 1; got {tuple(indices.shape)}")
+    if indices.device != device:
+        raise ValueError(f"indices must be on the same device as tokens ({device}); got {indices.device}")
+    if eager() and batch > 0:
+        limit = lengths[:, None] if lengths is not None else n
+        if bool(((indices < 0) | (indices >= limit)).any()):
+            raise ValueError(f"indices must lie in [0, N) (and below lengths[b] when given); N = {n}")
+    return indices.to(torch.int64)
+
+
+def check_finite(**tensors: Tensor | None) -> None:
+    """For ``check_values=True``: every named float tensor is free of NaN and Inf."""
+    for name, x in tensors.items():
+        if x is not None and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or Inf values (check_values=True)")

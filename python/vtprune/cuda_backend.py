@@ -1,0 +1,14 @@
+"""The ``cuda`` backend: glue from the internal op signatures to the ``vtprune._C`` kernels."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import _cuda
+
+
+def coverage_max_sim(tokens: Tensor, indices: Tensor, lengths: Tensor) -> Tensor:
+    return _cuda.coverage_max_sim(tokens.contiguous(), indices.contiguous(), lengths.contiguous())
+
+
+OPS = {"coverage_max_sim": coverage_max_sim}

@@ -1,0 +1,217 @@
+"""coverage_max_sim kernels (Triton and CUDA) against a float64 torch oracle of SPEC §1.
+
+Without a GPU the Triton kernel runs on CPU tensors through the Triton interpreter, which is slow,
+so shapes stay small; the CUDA kernel tests are skipped then (with the reason from
+``vtprune._cuda.status()``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+HAS_GPU = torch.cuda.is_available()
+if not HAS_GPU:
+    # Must happen before the kernel module is imported: @triton.jit picks interpreter vs compiler
+    # when it decorates.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton", reason="triton is not installed (pip install 'vtprune[triton]')")
+
+from vtprune import _cuda  # noqa: E402
+
+triton_coverage = importlib.import_module("vtprune.triton_kernels.coverage")
+if not HAS_GPU and not triton_coverage._is_interpreted():
+    # Another test module imported the kernel before TRITON_INTERPRET was set; decorate it again.
+    triton_coverage = importlib.reload(triton_coverage)
+
+DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
+EPS = 1e-6
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-3}
+
+CUDA_OK, CUDA_REASON = _cuda.status()
+
+
+def _run_triton(tokens, indices, lengths):
+    return triton_coverage.coverage_max_sim(tokens, indices, lengths)
+
+
+def _run_cuda(tokens, indices, lengths):
+    return _cuda.coverage_max_sim(tokens, indices, lengths)
+
+
+BACKENDS = [
+    pytest.param(_run_triton, id="triton"),
+    pytest.param(
+        _run_cuda,
+        id="cuda",
+        marks=pytest.mark.skipif(not CUDA_OK, reason=f"CUDA backend unavailable: {CUDA_REASON}"),
+    ),
+]
+
+
+def oracle(tokens: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """SPEC §1 in float64, one image at a time, straight from the definition."""
+    x = tokens.detach().cpu().double()
+    B, N, _ = x.shape
+    xn = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(EPS)
+    out = torch.zeros(B, N, dtype=torch.float64)
+    for b in range(B):
+        n_valid = min(max(int(lengths[b]), 0), N)
+        sel = [int(s) for s in indices[b].tolist() if 0 <= int(s) < n_valid]
+        if n_valid == 0:
+            continue
+        if not sel:
+            out[b, :n_valid] = float("-inf")
+            continue
+        out[b, :n_valid] = (xn[b, :n_valid] @ xn[b, sel].T).max(dim=1).values
+    return out
+
+
+def make_case(B: int, N: int, D: int, K: int, dtype: torch.dtype, seed: int):
+    """Random tokens with a few zero vectors, some images shorter than N, K valid indices each."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(B, N, D, generator=g)
+    # Zero tokens, selected or not: they must give similarity 0, never NaN.
+    tokens[:, torch.randint(0, N, (max(1, N // 10),), generator=g)] = 0.0
+    lengths = torch.full((B,), N, dtype=torch.int64)
+    if B > 1:
+        lengths[1] = max(1, N // 2)
+    if B > 2:
+        lengths[2] = max(1, N - 3)
+    rows = []
+    for b in range(B):
+        n_valid = int(lengths[b])
+        if K <= n_valid:
+            rows.append(torch.randperm(n_valid, generator=g)[:K])
+        else:  # more picks than tokens: repeats are allowed by the contract
+            rows.append(torch.randint(0, n_valid, (K,), generator=g))
+    indices = torch.stack(rows)
+    return tokens.to(dtype), indices, lengths
+
+
+def check(run, tokens, indices, lengths, atol):
+    got = run(tokens.to(DEVICE), indices.to(DEVICE), lengths.to(DEVICE))
+    B, N, _ = tokens.shape
+    assert got.dtype == torch.float32
+    assert tuple(got.shape) == (B, N)
+    assert got.device.type == DEVICE.type
+    got = got.cpu()
+    assert not torch.isnan(got).any()
+    # The oracle sees the already-rounded fp16/bf16 values, so only accumulation error remains.
+    torch.testing.assert_close(got.double(), oracle(tokens, indices, lengths), atol=atol, rtol=0)
+    for b in range(B):  # padded positions are exactly 0
+        assert torch.all(got[b, min(max(int(lengths[b]), 0), N) :] == 0)
+    return got
+
+
+# (B, N, D, K): odd N, small D, K from 1 to N; N=577 kept to one image where K is large because
+# the interpreter runs every program in Python.
+SHAPES = [
+    (1, 1, 5, 1),
+    (3, 1, 33, 1),
+    (3, 7, 5, 7),
+    (1, 7, 64, 3),
+    (3, 97, 33, 50),
+    (1, 97, 64, 97),
+    (3, 97, 5, 1),
+    (3, 97, 64, 120),  # K > lengths of the short images: repeated indices
+    (1, 577, 64, 577),
+    (3, 577, 33, 40),
+]
+
+
+@pytest.mark.parametrize("run", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("B,N,D,K", SHAPES)
+def test_matches_oracle(run, dtype, B, N, D, K):
+    tokens, indices, lengths = make_case(B, N, D, K, dtype, seed=B * 100_003 + N * 101 + D * 7 + K)
+    check(run, tokens, indices, lengths, ATOL[dtype])
+
+
+@pytest.mark.parametrize("run", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_zero_vectors_give_zero_not_nan(run, dtype):
+    tokens = torch.zeros(2, 9, 16, dtype=dtype)
+    tokens[1, 3] = 1.0  # one non-zero token: still orthogonal to (similarity 0 with) the zeros
+    indices = torch.tensor([[0, 4, 8], [3, 3, 5]])
+    lengths = torch.tensor([9, 9])
+    got = check(run, tokens, indices, lengths, ATOL[dtype])
+    expected = torch.zeros(2, 9)
+    expected[1, 3] = 1.0  # the non-zero token is selected and covers itself
+    torch.testing.assert_close(got, expected, atol=ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("run", BACKENDS)
+def test_invalid_indices_and_lengths_are_clamped_not_read(run):
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randn(4, 11, 20, generator=g)
+    # Out-of-range indices are skipped; lengths beyond N or below 0 are clamped to [0, N].
+    indices = torch.tensor(
+        [
+            [2, -1, 11, 5],  # -1 and 11 (= N) skipped
+            [6, 7, 8, 100],  # all >= lengths[1] = 6: no valid index -> -inf
+            [0, 10, -5, 10],  # lengths > N clamped to N, so 10 is valid
+            [0, 1, 2, 3],  # lengths < 0 clamped to 0: everything padded
+        ]
+    )
+    lengths = torch.tensor([11, 6, 50, -3])
+    got = check(run, tokens, indices, lengths, 1e-5)
+    assert torch.all(torch.isneginf(got[1, :6]))
+    assert torch.all(got[3] == 0)
+
+
+@pytest.mark.parametrize("run", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_strided_tokens(run, dtype):
+    """Row and batch strides are honoured (a view into a wider tensor, batch-major transposed)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(13, 2, 40, generator=g).to(dtype).to(DEVICE)
+    tokens = base.transpose(0, 1)[:, :, 3:27]  # [2, 13, 24], strides (40, 80, 1)
+    assert tokens.stride() == (40, 80, 1)
+    indices = torch.tensor([[0, 12, 5], [1, 1, 9]])
+    lengths = torch.tensor([13, 10])
+    check(run, tokens, indices, lengths, ATOL[dtype])
+
+
+@pytest.mark.parametrize("run", BACKENDS)
+def test_empty_selection_and_empty_batch(run):
+    tokens = torch.randn(2, 5, 8)
+    no_indices = torch.zeros(2, 0, dtype=torch.int64, device=DEVICE)
+    got = run(tokens.to(DEVICE), no_indices, torch.tensor([5, 3], device=DEVICE)).cpu()
+    assert torch.all(torch.isneginf(got[0])) and torch.all(torch.isneginf(got[1, :3]))
+    assert torch.all(got[1, 3:] == 0)
+    empty = run(
+        torch.randn(0, 5, 8, device=DEVICE),
+        torch.zeros(0, 2, dtype=torch.int64, device=DEVICE),
+        torch.zeros(0, dtype=torch.int64, device=DEVICE),
+    )
+    assert tuple(empty.shape) == (0, 5)
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="large shapes only on a GPU (the Triton interpreter is too slow)")
+@pytest.mark.parametrize("run", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("B,N,D,K", [(2, 1000, 4096, 300), (1, 4097, 1024, 64), (4, 577, 1024, 577)])
+def test_large_shapes_on_gpu(run, dtype, B, N, D, K):
+    tokens, indices, lengths = make_case(B, N, D, K, dtype, seed=N + D + K)
+    check(run, tokens, indices, lengths, ATOL[dtype])
+
+
+def test_triton_rejects_bad_inputs():
+    with pytest.raises(ValueError, match="tokens must be"):
+        triton_coverage.coverage_max_sim(torch.randn(5, 8), torch.zeros(1, 1, dtype=torch.int64))
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        triton_coverage.coverage_max_sim(
+            torch.randn(1, 5, 8, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.int64)
+        )
+    with pytest.raises(ValueError, match="indices"):
+        triton_coverage.coverage_max_sim(torch.randn(2, 5, 8), torch.zeros(1, 1, dtype=torch.int64))
+    with pytest.raises(TypeError, match="indices"):
+        triton_coverage.coverage_max_sim(torch.randn(1, 5, 8), torch.zeros(1, 1))

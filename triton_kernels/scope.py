@@ -1,0 +1,362 @@
+"""Triton kernel: SCOPE saliency-coverage greedy selection (SPEC §1), all ``k`` steps in one launch.
+
+Same contract as :func:`vtprune.reference.scope_select` / ``scope_select_varlen``: batched,
+``lengths``, packed varlen with one ``k`` per sequence, ``sorted`` both ways, ``combine`` "mul" or
+"add", fp16/bf16/fp32 inputs, fp32 math, int64 indices.
+
+Design
+------
+1. Similarity, in torch: ``S = normalize_rows(x) @ normalize_rows(x)^T`` as one fp32 ``bmm``
+   (``[B, N, N]`` fp32, the same formula the reference evaluates; like the reference and the torch
+   backend it follows torch's float32 matmul precision, i.e. it is TF32 only if the caller enabled
+   TF32 for matmuls). The weights ``w = max(sal, 0) ** alpha`` come from
+   :func:`vtprune.similarity.saliency_weights`.
+   Memory: ``4 * B * N**2`` bytes (1.3 MiB per image at N = 576, 33 MiB at N = 2880). Keeping S in
+   fp32 keeps the picks bitwise-faithful to the reference; 16-bit storage for large N is a later step.
+2. One persistent launch, ``grid = (B,)``: program ``b`` runs every greedy step of image ``b``.
+   Its state lives in small global scratch rows (L2-resident): gains ``[N]`` fp32, coverage ``[N]``
+   fp32, a selected flag ``[N]`` int8 and a list of the rows whose coverage changed in the current
+   step. Everything is walked in ``BLOCK_U x BLOCK_V`` tiles, so any ``N`` works.
+   - init: ``gain(v) = sum_u max(0, S[u, v])`` over valid ``u`` (coverage starts at 0);
+   - pick: tile-wise argmax of ``score(v) = max(gain(v), 0) * w(v)`` (or ``+ w(v)``) over valid
+     unselected ``v``; NaN scores count as ``-inf``; the per-tile maxima are merged with a strict
+     ``>`` so the lowest index wins ties; if the best is ``-inf`` the lowest unselected valid index
+     is taken (SPEC §1);
+   - coverage: the column ``S[:, t]`` (read as a column, exactly as the reference does, so no
+     symmetry of ``S`` is assumed) is compared with the coverage; the rows ``u`` whose coverage
+     rises are compacted (prefix sum) into a list with their old/new coverage ``lo``/``hi``;
+   - incremental gains: ``gain(v) -= sum_{u in list} min(max(S[u, v] - lo_u, 0), hi_u - lo_u)``,
+     i.e. ``max(0, S - c_old) - max(0, S - c_new)`` written so that a covered entry gives exactly
+     0. A step costs ``|changed| x N`` instead of the reference's ``N x N`` (the changed set
+     shrinks quickly as the selection grows).
+     The listed rows' coverage is written after the gain update. ``tl.debug_barrier()`` separates
+     every global write from reads of it by other threads (warps may hold replicated copies of a
+     small tile and reduce it without synchronizing, so even "read, then write" of the same
+     element inside one phase would race).
+   Updates are summed in a fixed order (rows ascending, one tile of columns at a time), so the
+   result is deterministic. Gains stay fp32: the incremental sums agree with the reference's
+   recomputed sums to a few fp32 ulps of the initial gain, so the picks are equal unless two
+   scores are that close (a near-tie, where the reference's own rounding decides).
+3. Sorting (``sorted=True``) and the varlen packing/unpacking are torch ops in the wrapper.
+
+The kernel reads only inside ``[0, length_b)`` (lengths clamped to ``[1, N]``, per-image ``k``
+clamped to ``[0, min(length_b, K_MAX)]``), so bad values cannot read or write out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from vtprune.similarity import normalize_rows, saliency_weights
+
+__all__ = ["scope_picks", "scope_select", "scope_select_varlen"]
+
+_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
+# Tile sizes: BLOCK_U rows of S (the reduction axis) by BLOCK_V columns (candidates).
+# 32 x 256 fp32 = 32 KiB per tile, 32 values per thread with 8 warps.
+_BLOCK_U = 32
+_BLOCK_V = 256
+_NUM_WARPS = 8
+_BIG = 2**31 - 1  # "no index" sentinel, larger than any valid index
+
+
+@triton.jit
+def _scope_greedy_kernel(
+    s_ptr,  # fp32 [B, N, N]  similarity, row-major, contiguous
+    w_ptr,  # fp32 [B, N]     saliency weights
+    len_ptr,  # int64 [B]     valid tokens per image
+    k_ptr,  # int64 [B]       picks per image
+    gain_ptr,  # fp32 [B, N]  scratch: current gains
+    cov_ptr,  # fp32 [B, N]   scratch: coverage, zero-initialized
+    sel_ptr,  # int8 [B, N]   scratch: selected flags, zero-initialized
+    lu_ptr,  # int32 [B, N]   scratch: rows whose coverage changed this step
+    llo_ptr,  # fp32 [B, N]   scratch: their old coverage
+    lhi_ptr,  # fp32 [B, N]   scratch: their new coverage
+    out_ptr,  # int64 [B, K_MAX] picks in pick order (entries >= k_b left untouched)
+    N,
+    K_MAX,
+    MUL: tl.constexpr,
+    BLOCK_U: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BIG: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    # Clamped so that no value of lengths / k can push a read or write out of bounds.
+    length = tl.minimum(tl.maximum(tl.load(len_ptr + b), 1), N).to(tl.int32)
+    kb = tl.minimum(tl.maximum(tl.load(k_ptr + b), 0), tl.minimum(length, K_MAX)).to(tl.int32)
+
+    s_b = s_ptr + b * N * N  # int64 offsets: B * N * N can exceed 2**31
+    row = b * N
+    w_b = w_ptr + row
+    gain_b = gain_ptr + row
+    cov_b = cov_ptr + row
+    sel_b = sel_ptr + row
+    lu_b = lu_ptr + row
+    llo_b = llo_ptr + row
+    lhi_b = lhi_ptr + row
+    out_b = out_ptr + b * K_MAX
+
+    ar_u = tl.arange(0, BLOCK_U)
+    ar_v = tl.arange(0, BLOCK_V)
+
+    # ---- initial gains: gain(v) = sum_u max(0, S[u, v]) over valid u (coverage is 0)
+    for v0 in range(0, length, BLOCK_V):
+        offs_v = v0 + ar_v
+        v_ok = offs_v < length
+        acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for u0 in range(0, length, BLOCK_U):
+            offs_u = u0 + ar_u
+            u_ok = offs_u < length
+            s = tl.load(
+                s_b + offs_u.to(tl.int64)[:, None] * N + offs_v[None, :],
+                mask=u_ok[:, None] & v_ok[None, :],
+                other=0.0,
+            )
+            acc += tl.sum(tl.where(s < 0.0, 0.0, s), axis=0)  # NaN stays NaN, as clamp_min(0)
+        tl.store(gain_b + offs_v, acc, mask=v_ok)
+    tl.debug_barrier()  # gains written by some threads are read by others below
+
+    for i in range(0, kb):
+        # ---- pick: lowest-index argmax of the score over valid unselected tokens
+        best_val = tl.full([], float("-inf"), tl.float32)
+        best_idx = tl.full([], BIG, tl.int32)
+        first_free = tl.full([], BIG, tl.int32)
+        for v0 in range(0, length, BLOCK_V):
+            offs_v = v0 + ar_v
+            v_ok = offs_v < length
+            g = tl.load(gain_b + offs_v, mask=v_ok, other=0.0)
+            wv = tl.load(w_b + offs_v, mask=v_ok, other=0.0)
+            taken = tl.load(sel_b + offs_v, mask=v_ok, other=1)
+            # The exact gain is >= 0; drift of the incremental sums must not go below 0
+            # (a fully covered token scores exactly 0 in the reference). NaN stays NaN.
+            g = tl.where(g < 0.0, 0.0, g)
+            if MUL:
+                score = g * wv
+            else:
+                score = g + wv
+            free = v_ok & (taken == 0)
+            score = tl.where(free & (score == score), score, float("-inf"))
+            m = tl.max(score, axis=0)
+            im = tl.min(tl.where(score == m, offs_v, BIG), axis=0)
+            better = m > best_val  # strict: an equal score in a later tile loses
+            best_idx = tl.where(better, im, best_idx)
+            best_val = tl.where(better, m, best_val)
+            first_free = tl.minimum(first_free, tl.min(tl.where(free, offs_v, BIG), axis=0))
+        t = tl.where(best_val > float("-inf"), best_idx, first_free)
+        t = tl.minimum(t, length - 1)  # never out of bounds (first_free is < length when kb <= length)
+
+        # Every thread must be done reading the flags before one of them marks t (with few
+        # candidates per tile, warps hold replicated copies and reduce without syncing).
+        tl.debug_barrier()
+        tl.store(out_b + i, t.to(tl.int64))
+        tl.store(sel_b + t, 1)
+        tl.debug_barrier()
+
+        # ---- coverage: list the rows u with S[u, t] > c(u), with old and new values. The
+        # coverage itself is written only after the gain update: a thread writing c(u) here
+        # could race with a replica of the same element still reading it.
+        count = tl.full([], 0, tl.int32)
+        for u0 in range(0, length, BLOCK_U):
+            offs_u = u0 + ar_u
+            u_ok = offs_u < length
+            col = tl.load(s_b + offs_u.to(tl.int64) * N + t, mask=u_ok, other=0.0)  # S[u, t]
+            c = tl.load(cov_b + offs_u, mask=u_ok, other=0.0)
+            changed = u_ok & (col > c)  # NaN never changes the coverage
+            ch = changed.to(tl.int32)
+            pos = count + tl.cumsum(ch, axis=0) - ch  # exclusive prefix sum: rows stay ascending
+            tl.store(lu_b + pos, offs_u, mask=changed)
+            tl.store(llo_b + pos, c, mask=changed)
+            tl.store(lhi_b + pos, col, mask=changed)
+            count += tl.sum(ch, axis=0)
+        tl.debug_barrier()  # the list is read back by other threads
+
+        # ---- gains: gain(v) -= sum_{u changed} min(max(S[u, v] - lo_u, 0), hi_u - lo_u)
+        for v0 in range(0, length, BLOCK_V):
+            offs_v = v0 + ar_v
+            v_ok = offs_v < length
+            acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            for j0 in range(0, count, BLOCK_U):
+                offs_j = j0 + ar_u
+                j_ok = offs_j < count
+                u = tl.load(lu_b + offs_j, mask=j_ok, other=0)
+                lo = tl.load(llo_b + offs_j, mask=j_ok, other=0.0)
+                hi = tl.load(lhi_b + offs_j, mask=j_ok, other=0.0)
+                s = tl.load(
+                    s_b + u.to(tl.int64)[:, None] * N + offs_v[None, :],
+                    mask=j_ok[:, None] & v_ok[None, :],
+                    other=0.0,
+                )
+                d = tl.minimum(tl.maximum(s - lo[:, None], 0.0), (hi - lo)[:, None])
+                acc += tl.sum(tl.where(j_ok[:, None], d, 0.0), axis=0)
+            g = tl.load(gain_b + offs_v, mask=v_ok, other=0.0)
+            tl.store(gain_b + offs_v, g - acc, mask=v_ok)
+        # ---- coverage of the listed rows: c(u) = S[u, t]
+        for j0 in range(0, count, BLOCK_U):
+            offs_j = j0 + ar_u
+            j_ok = offs_j < count
+            u = tl.load(lu_b + offs_j, mask=j_ok, other=0)
+            hi = tl.load(lhi_b + offs_j, mask=j_ok, other=0.0)
+            tl.store(cov_b + u, hi, mask=j_ok)
+        tl.debug_barrier()  # gains, flags, coverage and the list are read by other threads next step
+
+
+def _is_interpreted() -> bool:
+    # The decorator picked interpreter vs compiler at import time; ask the result, not the env.
+    return type(_scope_greedy_kernel).__name__ == "InterpretedFunction"
+
+
+def _check_device(tokens: Tensor) -> None:
+    if tokens.device.type == "cuda":
+        return
+    if tokens.device.type == "cpu" and _is_interpreted():
+        return
+    raise ValueError(
+        f"the triton backend needs CUDA tensors (tokens are on {tokens.device}); CPU tensors work "
+        "only under the Triton interpreter, with TRITON_INTERPRET=1 set before "
+        "vtprune.triton_kernels.scope is first imported"
+    )
+
+
+def _check_tokens(tokens: Tensor, rank: int, shape_doc: str) -> None:
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dim() != rank:
+        raise ValueError(f"tokens must be {shape_doc}, got shape {tuple(tokens.shape)}")
+    if tokens.dtype not in _SUPPORTED:
+        raise TypeError(f"tokens must be float32, float16 or bfloat16, got {tokens.dtype}")
+    _check_device(tokens)
+
+
+def _pow2_block(n: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(n, 1))))
+
+
+def scope_picks(
+    tokens: Tensor,
+    saliency: Tensor,
+    k_per_image: Tensor,
+    k_max: int,
+    alpha: float,
+    combine: str,
+    lengths: Tensor | None = None,
+    *,
+    block_u: int | None = None,
+    block_v: int | None = None,
+) -> Tensor:
+    """SCOPE greedy picks in pick order: int64 ``[B, k_max]``.
+
+    Args:
+        tokens: ``[B, N, D]`` float32/float16/bfloat16 on CUDA (CPU under the interpreter).
+        saliency: ``[B, N]`` float.
+        k_per_image: int ``[B]``, picks of image ``b`` (clamped to ``[0, min(lengths[b], k_max)]``);
+            entries ``>= k_per_image[b]`` of row ``b`` are left uninitialized.
+        k_max: columns of the result.
+        alpha, combine: as in SPEC §1 (``combine`` is "mul" or "add").
+        lengths: optional int ``[B]`` valid tokens per image (clamped to ``[1, N]``).
+        block_u, block_v: tile sizes (powers of 2 >= 16), for tests; defaults suit the GPU.
+    """
+    _check_tokens(tokens, 3, "[B, N, D]")
+    if combine not in ("mul", "add"):
+        raise ValueError(f"combine must be 'mul' or 'add', got {combine!r}")
+    batch, n, _ = tokens.shape
+    device = tokens.device
+    out = torch.empty(batch, k_max, dtype=torch.int64, device=device)
+    if batch == 0 or n == 0 or k_max == 0:
+        return out
+    if lengths is None:
+        lengths = torch.full((batch,), n, dtype=torch.int64, device=device)
+    lengths = lengths.to(device=device, dtype=torch.int64).contiguous()
+    k_per_image = k_per_image.to(device=device, dtype=torch.int64).contiguous()
+
+    xn = normalize_rows(tokens)  # fp32 [B, N, D]
+    sim = torch.bmm(xn, xn.transpose(1, 2)).contiguous()  # fp32 [B, N, N]
+    w = saliency_weights(saliency, alpha).to(device=device, dtype=torch.float32).contiguous()
+
+    gain = torch.empty(batch, n, dtype=torch.float32, device=device)
+    cover = torch.zeros(batch, n, dtype=torch.float32, device=device)
+    selected = torch.zeros(batch, n, dtype=torch.int8, device=device)
+    list_u = torch.empty(batch, n, dtype=torch.int32, device=device)
+    list_lo = torch.empty(batch, n, dtype=torch.float32, device=device)
+    list_hi = torch.empty(batch, n, dtype=torch.float32, device=device)
+
+    bu = block_u or _pow2_block(n, _BLOCK_U)
+    bv = block_v or _pow2_block(n, _BLOCK_V)
+    for name, blk in (("block_u", bu), ("block_v", bv)):
+        if blk < 16 or blk & (blk - 1):
+            raise ValueError(f"{name} must be a power of 2 >= 16, got {blk}")
+    args = (sim, w, lengths, k_per_image, gain, cover, selected, list_u, list_lo, list_hi, out, n, k_max)
+    meta = dict(MUL=combine == "mul", BLOCK_U=bu, BLOCK_V=bv, BIG=_BIG, num_warps=_NUM_WARPS)
+    if device.type == "cuda":
+        # Triton launches on torch's current device/stream; make that the tensors' device.
+        with torch.cuda.device(device):
+            _scope_greedy_kernel[(batch,)](*args, **meta)
+    else:
+        _scope_greedy_kernel[(batch,)](*args, **meta)
+    return out
+
+
+def scope_select(
+    tokens: Tensor,
+    saliency: Tensor,
+    k: int,
+    alpha: float = 1.0,
+    combine: str = "mul",
+    lengths: Tensor | None = None,
+    sorted: bool = True,
+    **blocks: int,
+) -> Tensor:
+    """SCOPE (SPEC §1) on ``[B, N, D]`` tokens: int64 ``[B, k]``, ascending or in pick order."""
+    _check_tokens(tokens, 3, "[B, N, D]")
+    batch = tokens.shape[0]
+    ks = torch.full((batch,), int(k), dtype=torch.int64, device=tokens.device)
+    picks = scope_picks(tokens, saliency, ks, int(k), alpha, combine, lengths, **blocks)
+    return picks.sort(dim=1).values if sorted else picks
+
+
+def scope_select_varlen(
+    tokens: Tensor,
+    saliency: Tensor,
+    cu_seqlens: Tensor,
+    k_per_seq: Tensor,
+    alpha: float = 1.0,
+    combine: str = "mul",
+    sorted: bool = True,
+    **blocks: int,
+) -> tuple[Tensor, Tensor]:
+    """SCOPE on packed sequences ``tokens [T, D]``, ``cu_seqlens [B+1]``, one ``k`` per sequence.
+
+    The sequences are padded into a ``[B, max_len, D]`` batch and run in the same single launch,
+    each image stopping after its own ``k_b`` picks. Returns ``(indices into T [sum k], cu_k [B+1])``,
+    both int64. Inputs are expected validated (``cu_seqlens`` strictly increasing from 0 to ``T``,
+    ``1 <= k_b <= seqlen_b``); bad values are clamped inside the kernel, never read out of bounds.
+    """
+    _check_tokens(tokens, 2, "[T, D]")
+    device = tokens.device
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    ks = k_per_seq.to(device=device, dtype=torch.int64)
+    batch = ks.shape[0]
+    cu_k = torch.zeros(batch + 1, dtype=torch.int64, device=device)
+    cu_k[1:] = ks.cumsum(0)
+    if batch == 0 or tokens.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=device), cu_k
+    lengths = cu[1:] - cu[:-1]
+    # The output shapes must be known on the host: one small sync, outside the kernel.
+    max_len, k_max, total = (int(v) for v in torch.stack([lengths.max(), ks.max(), cu_k[-1]]).tolist())
+    if max_len <= 0 or k_max <= 0 or total <= 0:
+        return torch.empty(0, dtype=torch.int64, device=device), cu_k
+    pos = torch.arange(max_len, device=device)
+    src = (cu[:-1, None] + pos[None, :]).clamp(0, tokens.shape[0] - 1)  # padded slots read a real token
+    x = tokens[src]  # [B, max_len, D]; padding is masked by `lengths` inside the kernel
+    sal = saliency[src]
+    picks = scope_picks(x, sal, ks, k_max, alpha, combine, lengths, **blocks)
+    if sorted:
+        keep = torch.arange(k_max, device=device)[None, :] < ks[:, None]
+        picks = torch.where(keep, picks, torch.full_like(picks, max_len)).sort(dim=1).values
+    # Sequence b's first k_b picks, packed, gathered without a boolean mask (no further sync).
+    j = torch.arange(total, device=device)
+    seq = torch.searchsorted(cu_k[1:], j, right=True)
+    indices = picks[seq, j - cu_k[seq]] + cu[seq]
+    return indices, cu_k
