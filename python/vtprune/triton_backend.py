@@ -1,4 +1,4 @@
-"""The ``triton`` backend: glue from the internal op signatures to ``vtprune.triton_kernels``.
+"""The ``triton`` backend: the op table of ``vtprune.triton_kernels``.
 
 Imported only when the backend is first used, so ``TRITON_INTERPRET`` set before that
 point decides whether kernels compile for the GPU or run in the interpreter.
@@ -16,32 +16,9 @@ def coverage_max_sim(tokens: Tensor, indices: Tensor, lengths: Tensor) -> Tensor
     return _coverage.coverage_max_sim(tokens.contiguous(), indices.contiguous(), lengths.contiguous())
 
 
-def scope_select(
-    tokens: Tensor,
-    saliency: Tensor,
-    k: int,
-    alpha: float,
-    combine: str,
-    lengths: Tensor | None,
-    sorted: bool,
-) -> Tensor:
-    return _scope.scope_select(tokens, saliency, k, alpha, combine, lengths, sorted)
-
-
-def scope_select_varlen(
-    tokens: Tensor,
-    saliency: Tensor,
-    cu_seqlens: Tensor,
-    k_per_seq: Tensor,
-    alpha: float,
-    combine: str,
-    sorted: bool,
-) -> tuple[Tensor, Tensor]:
-    return _scope.scope_select_varlen(tokens, saliency, cu_seqlens, k_per_seq, alpha, combine, sorted)
-
-
+# The scope kernels take the internal signatures as they are.
 OPS = {
     "coverage_max_sim": coverage_max_sim,
-    "scope_select": scope_select,
-    "scope_select_varlen": scope_select_varlen,
+    "scope_select": _scope.scope_select,
+    "scope_select_varlen": _scope.scope_select_varlen,
 }
