@@ -10,7 +10,7 @@ coverage metrics :func:`facility_location` and :func:`theta_coverage`.
 from __future__ import annotations
 
 from ._dispatch import BackendStatus, backends
-from .alvts import LowRankSelector, alvts_scores
+from .alvts import LowRankSelector, alvts_scores, calibrate_lowrank, full_rank_scores, route_layer
 from .ops import (
     attention_importance,
     crop_budgets,
@@ -32,13 +32,16 @@ __all__ = [
     "alvts_scores",
     "attention_importance",
     "backends",
+    "calibrate_lowrank",
     "crop_budgets",
     "crop_topk",
     "facility_location",
+    "full_rank_scores",
     "fused_scope_select",
     "gather_tokens",
     "holov_select",
     "lowrank_factorize",
+    "route_layer",
     "scope_select_varlen",
     "theta_coverage",
 ]

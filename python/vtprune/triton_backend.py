@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from vtprune.triton_kernels import attention as _attention
 from vtprune.triton_kernels import coverage as _coverage
 from vtprune.triton_kernels import scope as _scope
 
@@ -21,4 +22,5 @@ OPS = {
     "coverage_max_sim": coverage_max_sim,
     "scope_select": _scope.scope_select,
     "scope_select_varlen": _scope.scope_select_varlen,
+    "attention_importance": _attention.attention_importance,
 }
