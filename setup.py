@@ -2,18 +2,26 @@
 
 Project metadata lives in pyproject.toml. This file adds what cannot be static there: the package
 layout (``vtprune`` is ``python/vtprune``, ``vtprune.triton_kernels`` is ``triton_kernels``) and
-the optional CUDA extension ``vtprune._C``, which CMake builds from ``csrc/``.
+the two optional extensions, which CMake builds (one build tree each, same CMakeLists.txt):
+
+* ``vtprune._cpu`` from ``csrc/cpu/``: the C++ CPU engine of the torch backend's SCOPE loop. Needs
+  only a C++17 compiler and CMake; without it the torch backend uses its NumPy engine.
+* ``vtprune._C`` from ``csrc/``: the CUDA kernels. Needs nvcc.
 
 Environment:
 
+* ``VTPRUNE_BUILD_CPU``: unset = build ``vtprune._cpu`` if a C++ compiler and cmake are found (a
+  failed build is then reported and skipped, not fatal); ``0`` = never build it; ``1`` = build it,
+  and fail if that is not possible.
 * ``VTPRUNE_BUILD_CUDA``: unset = build ``vtprune._C`` if nvcc is found, otherwise skip it with a
   notice; ``0`` = never build it; ``1`` = build it, and fail if nvcc is missing.
 * ``VTPRUNE_CUDA_ARCHS``: ``CMAKE_CUDA_ARCHITECTURES`` (default ``80;90``; ``,`` or spaces may
   separate entries too).
 * ``CUDACXX`` / ``CUDA_HOME`` / ``CUDA_PATH``: where to look for nvcc besides ``PATH``.
+* ``CXX``: the C++ compiler (CMake honours it too); otherwise ``c++``, ``g++`` or ``clang++`` on PATH.
 * ``CMAKE_BUILD_PARALLEL_LEVEL``: build jobs (default: the CPUs this process may use).
 
-The build needs no torch: the extension takes raw pointers, so torch is not a build requirement.
+The build needs no torch: the extensions take raw pointers, so torch is not a build requirement.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 ROOT = Path(__file__).resolve().parent
 MIN_CMAKE = (3, 18)  # FindPython Development.Module, CUDA_RUNTIME_LIBRARY, CMAKE_CUDA_ARCHITECTURES
@@ -53,6 +62,35 @@ def _cuda_build_mode() -> str:
         f"vtprune setup: VTPRUNE_BUILD_CUDA must be 0 or 1 (or unset for auto-detection), "
         f"got {os.environ['VTPRUNE_BUILD_CUDA']!r}"
     )
+
+
+def _cpu_build_mode() -> str:
+    """'auto', 'on' or 'off' from VTPRUNE_BUILD_CPU."""
+    raw = os.environ.get("VTPRUNE_BUILD_CPU", "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in ("1", "true", "yes", "on"):
+        return "on"
+    if raw in ("0", "false", "no", "off"):
+        return "off"
+    raise SystemExit(
+        f"vtprune setup: VTPRUNE_BUILD_CPU must be 0 or 1 (or unset for auto-detection), "
+        f"got {os.environ['VTPRUNE_BUILD_CPU']!r}"
+    )
+
+
+def _find_cxx() -> str | None:
+    """The C++ compiler CMake will pick: $CXX (a path or a name on PATH), else c++, g++, clang++."""
+    cxx = os.environ.get("CXX", "").strip()
+    if cxx:
+        first = cxx.split()[0]
+        found = shutil.which(first)
+        return os.path.realpath(found) if found else None
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return os.path.realpath(found)
+    return None
 
 
 def _find_nvcc() -> str | None:
@@ -115,12 +153,21 @@ def _parallel_jobs(requested: int | None) -> int:
 
 
 class CMakeExtension(Extension):
-    """An extension whose sources CMake compiles; setuptools only names and places the result."""
+    """An extension whose sources CMake compiles; setuptools only names and places the result.
 
-    def __init__(self, name: str, source_dir: Path, nvcc: str) -> None:
-        super().__init__(name, sources=[])
+    ``nvcc`` is set for the CUDA module (``_C``) and None for the CPU one (``_cpu``). An
+    ``optional`` extension whose build fails is reported and skipped (setuptools' own
+    mechanism), and the install goes on without it.
+    """
+
+    def __init__(self, name: str, source_dir: Path, nvcc: str | None = None, optional: bool = False) -> None:
+        super().__init__(name, sources=[], optional=optional)
         self.source_dir = str(source_dir)
         self.nvcc = nvcc
+
+    @property
+    def module(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
 
 
 class CMakeBuild(build_ext):
@@ -133,36 +180,66 @@ class CMakeBuild(build_ext):
 
         cmake = _find_cmake()
         if cmake is None:
-            raise SystemExit(
-                "vtprune setup: building vtprune._C needs cmake >= "
-                f"{'.'.join(map(str, MIN_CMAKE))} (install it with `pip install cmake`), or set "
-                "VTPRUNE_BUILD_CUDA=0 to install without the CUDA extension."
+            off = "VTPRUNE_BUILD_CUDA=0" if ext.nvcc else "VTPRUNE_BUILD_CPU=0"
+            msg = (
+                f"building {ext.name} needs cmake >= {'.'.join(map(str, MIN_CMAKE))} (install it "
+                f"with `pip install cmake`), or set {off} to install without it."
             )
+            if ext.optional:
+                raise CompileError(msg)
+            raise SystemExit(f"vtprune setup: {msg}")
+        try:
+            self._cmake_build(ext, cmake)
+        except subprocess.CalledProcessError as exc:
+            if not ext.optional:
+                raise
+            # setuptools reports the failure of an optional extension and goes on without it
+            raise CompileError(
+                f"CMake failed ({exc}); installing without {ext.name} (the torch backend then uses "
+                "its NumPy engine; set VTPRUNE_BUILD_CPU=1 to make this an error)"
+            ) from exc
+
+    def _cmake_build(self, ext: CMakeExtension, cmake: str) -> None:
 
         # get_ext_fullpath honours --inplace/editable mode, which puts the module next to the
         # sources in python/vtprune/ so that `import vtprune._C` works from an editable install.
         ext_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         ext_dir = ext_path.parent
         ext_dir.mkdir(parents=True, exist_ok=True)
-        suffix = ext_path.name[len("_C") :]  # e.g. ".cpython-312-x86_64-linux-gnu.so"
+        suffix = ext_path.name[len(ext.module) :]  # e.g. ".cpython-312-x86_64-linux-gnu.so"
 
         import pybind11  # build requirement (pyproject.toml), only needed here
 
-        archs = _cuda_archs()
         configure_args = [
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
-            f"-DCMAKE_CUDA_COMPILER={ext.nvcc}",
-            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
             f"-DVTPRUNE_EXT_SUFFIX={suffix}",
         ]
+        if ext.nvcc:
+            archs = _cuda_archs()
+            configure_args += [
+                "-DVTPRUNE_BUILD_CPU_EXT=OFF",
+                "-DVTPRUNE_BUILD_CUDA_EXT=ON",
+                f"-DCMAKE_CUDA_COMPILER={ext.nvcc}",
+                f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            ]
+            what = f"with {ext.nvcc} for CUDA archs {archs}"
+        else:
+            configure_args += ["-DVTPRUNE_BUILD_CPU_EXT=ON", "-DVTPRUNE_BUILD_CUDA_EXT=OFF"]
+            what = f"with {_find_cxx() or 'the default C++ compiler'}"
 
-        build_dir = Path(self.build_temp).resolve() / "cmake"
-        # CMake refuses (or silently misbehaves) when the CUDA compiler or generator of an existing
-        # build tree changes; start from scratch then instead of failing.
-        stamp = {"cmake": cmake, "nvcc": ext.nvcc, "generator": os.environ.get("CMAKE_GENERATOR", "")}
+        # one build tree per extension: the CPU module never needs the CUDA toolchain
+        build_dir = Path(self.build_temp).resolve() / f"cmake{ext.module}"
+        # CMake refuses (or silently misbehaves) when the compilers or generator of an existing
+        # build tree change; start from scratch then instead of failing.
+        stamp = {
+            "cmake": cmake,
+            "nvcc": ext.nvcc,
+            "cxx": os.environ.get("CXX", ""),
+            "generator": os.environ.get("CMAKE_GENERATOR", ""),
+        }
         stamp_file = build_dir / "vtprune-build-stamp.json"
         if build_dir.exists():
             try:
@@ -175,7 +252,7 @@ class CMakeBuild(build_ext):
         stamp_file.write_text(json.dumps(stamp))
 
         jobs = _parallel_jobs(self.parallel)
-        _log(f"building vtprune._C with {ext.nvcc} for CUDA archs {archs} ({jobs} jobs)")
+        _log(f"building {ext.name} {what} ({jobs} jobs)")
         start = time.perf_counter()
         subprocess.run([cmake, "-S", ext.source_dir, "-B", str(build_dir), *configure_args], check=True)
         subprocess.run(
@@ -190,11 +267,53 @@ class CMakeBuild(build_ext):
 
 def _extensions() -> tuple[list[Extension], list[str]]:
     """(ext_modules, setup_requires) for this build, decided from the environment."""
+    cuda = _cuda_extension()
+    exts: list[Extension] = [cuda] if cuda is not None else []
+    cpu = _cpu_extension(cmake_coming=bool(exts))
+    if cpu is not None:
+        exts.insert(0, cpu)  # the quick one first
+    # Only ask pip for a cmake wheel when the system has no usable cmake; as a setup_requires the
+    # setuptools PEP 517 backend turns it into a dynamic build requirement.
+    needs_cmake = cuda is not None or (cpu is not None and not cpu.optional)
+    setup_requires = ["cmake>=3.24"] if needs_cmake and not _find_cmake() else []
+    return exts, setup_requires
+
+
+def _cpu_extension(cmake_coming: bool) -> CMakeExtension | None:
+    """vtprune._cpu, or None (with a notice) when it is not wanted or cannot be built here."""
+    mode = _cpu_build_mode()
+    if mode == "off":
+        _log("VTPRUNE_BUILD_CPU=0: installing without the C++ CPU engine vtprune._cpu")
+        _warn_stale_inplace_module("_cpu")
+        return None
+    cxx = _find_cxx()
+    cmake = _find_cmake()
+    if mode == "on":
+        if cxx is None:
+            raise SystemExit(
+                "vtprune setup: VTPRUNE_BUILD_CPU=1 but no C++ compiler was found ($CXX, c++, g++, "
+                "clang++). Install one, or unset VTPRUNE_BUILD_CPU to install without vtprune._cpu."
+            )
+        return CMakeExtension("vtprune._cpu", ROOT)  # cmake is fetched if missing
+    missing = [what for what, found in (("C++ compiler", cxx), ("cmake", cmake or cmake_coming)) if not found]
+    if missing:
+        _log(
+            f"no {' and no '.join(missing)} found: installing without the C++ CPU engine "
+            "vtprune._cpu (the torch backend uses its NumPy engine; set VTPRUNE_BUILD_CPU=1 to make "
+            "this an error)"
+        )
+        _warn_stale_inplace_module("_cpu")
+        return None
+    return CMakeExtension("vtprune._cpu", ROOT, optional=True)
+
+
+def _cuda_extension() -> CMakeExtension | None:
+    """vtprune._C, or None (with a notice) when it is not wanted or nvcc is missing."""
     mode = _cuda_build_mode()
     if mode == "off":
         _log("VTPRUNE_BUILD_CUDA=0: installing without the CUDA extension vtprune._C")
         _warn_stale_inplace_module()
-        return [], []
+        return None
     nvcc = _find_nvcc()
     if nvcc is None:
         where = "$CUDACXX, PATH, $CUDA_HOME/bin, $CUDA_PATH/bin, /usr/local/cuda/bin"
@@ -209,15 +328,12 @@ def _extensions() -> tuple[list[Extension], list[str]]:
             "(Triton and torch backends still work; set VTPRUNE_BUILD_CUDA=1 to make this an error)"
         )
         _warn_stale_inplace_module()
-        return [], []
-    # Only ask pip for a cmake wheel when the system has no usable cmake; as a setup_requires the
-    # setuptools PEP 517 backend turns it into a dynamic build requirement.
-    setup_requires = [] if _find_cmake() else ["cmake>=3.24"]
-    return [CMakeExtension("vtprune._C", ROOT, nvcc)], setup_requires
+        return None
+    return CMakeExtension("vtprune._C", ROOT, nvcc)
 
 
-def _warn_stale_inplace_module() -> None:
-    stale = sorted((ROOT / "python" / "vtprune").glob("_C.*"))
+def _warn_stale_inplace_module(module: str = "_C") -> None:
+    stale = sorted((ROOT / "python" / "vtprune").glob(f"{module}.*"))
     if stale:
         _log(
             f"note: {', '.join(str(p) for p in stale)} from an earlier build is still there and "

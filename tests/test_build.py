@@ -1,4 +1,9 @@
-"""The installed package: the optional CUDA module vtprune._C and how its absence is reported.
+"""The installed package: the optional modules vtprune._C (CUDA) and vtprune._cpu (C++ CPU
+engine), and how their absence is reported.
+
+vtprune._cpu may be missing only where no C++ compiler or no cmake was found (or
+VTPRUNE_BUILD_CPU=0 in the environment of the test run, matching the install); with both
+present a missing _cpu is a packaging bug and fails here.
 
 vtprune._C may legitimately be missing only where it could not be built (no nvcc) or was not
 wanted (VTPRUNE_BUILD_CUDA=0 in the environment of the test run, matching the install). On a
@@ -36,6 +41,27 @@ def _import_c():
 C, C_IMPORT_ERROR = _import_c()
 NVCC = _find_nvcc()
 CUDA_BUILD_DISABLED = os.environ.get("VTPRUNE_BUILD_CUDA", "").strip().lower() in ("0", "false", "no", "off")
+
+
+def _find_cxx() -> str | None:
+    """Same search as setup.py: $CXX, else c++, g++, clang++ on PATH."""
+    cxx = os.environ.get("CXX", "").strip()
+    if cxx:
+        return shutil.which(cxx.split()[0])
+    return next((p for p in map(shutil.which, ("c++", "g++", "clang++")) if p), None)
+
+
+def _import_cpu():
+    try:
+        return importlib.import_module("vtprune._cpu"), None
+    except ImportError as exc:
+        return None, exc
+
+
+CPU, CPU_IMPORT_ERROR = _import_cpu()
+CXX = _find_cxx()
+CMAKE = shutil.which("cmake")
+CPU_BUILD_DISABLED = os.environ.get("VTPRUNE_BUILD_CPU", "").strip().lower() in ("0", "false", "no", "off")
 
 
 def _gpu_present() -> bool:
@@ -140,3 +166,33 @@ def test_distribution_metadata():
     assert scripts.get("vtprune") == "vtprune.cli:main"
     requires = " ".join(dist.requires or [])
     assert "torch>=2.11" in requires.replace(" ", "")
+
+
+def test_cpu_module_is_built_where_a_compiler_is():
+    if CPU is None:
+        if CPU_BUILD_DISABLED:
+            pytest.skip(f"vtprune._cpu not built: VTPRUNE_BUILD_CPU=0 ({CPU_IMPORT_ERROR})")
+        if CXX is None or CMAKE is None:
+            pytest.skip(f"vtprune._cpu not built: C++ compiler {CXX}, cmake {CMAKE} ({CPU_IMPORT_ERROR})")
+        pytest.fail(
+            f"a C++ compiler ({CXX}) and cmake ({CMAKE}) are present but vtprune._cpu does not import: "
+            f"{CPU_IMPORT_ERROR!r}. Reinstall with `pip install -e .` (add -v to see the CMake build)."
+        )
+    assert callable(CPU.scope_greedy_f32) and callable(CPU.scope_greedy_f64)
+    from vtprune.torch_backend import scope
+
+    assert scope.cpu_engine_status() == (True, "ok")
+
+
+def test_cpu_module_runs_on_raw_pointers():
+    if CPU is None:
+        pytest.skip(f"vtprune._cpu not built ({CPU_IMPORT_ERROR})")
+    # three tokens: 0 and 1 identical, 2 orthogonal; weights favour 1 then 2
+    s = torch.tensor([[[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
+    w = torch.tensor([[0.5, 1.0, 0.8]], dtype=torch.float64)
+    out = torch.full((1, 3), -7, dtype=torch.int64)
+    CPU.scope_greedy_f32(s.data_ptr(), w.data_ptr(), 0, 1, 3, 3, True, 1e-6, out.data_ptr())
+    assert out.tolist() == [[1, 2, 0]]
+    lengths = torch.tensor([2])
+    CPU.scope_greedy_f64(s.double().data_ptr(), w.data_ptr(), lengths.data_ptr(), 1, 3, 3, True, 1e-6, out.data_ptr())
+    assert out.tolist() == [[1, 0, 0]]  # past the two valid tokens: 0

@@ -6,6 +6,10 @@ fresh random inputs with a fixed seed per case, and compared with the matching f
 coverage objective close to the reference's) in fp16/bf16. Shapes are odd on purpose
 (N = 1, 7, 97, 577 and one 2881 for SCOPE), and the whole file stays well under a minute
 on 2 CPU cores.
+
+The CPU greedy loop of SCOPE has two engines, the C++ ``vtprune._cpu`` and the NumPy one it
+falls back to without a compiler; every SCOPE test that reaches that loop runs with each
+(``engine`` fixture), the ``cpp`` case skipped only where ``vtprune._cpu`` is not built.
 """
 
 from __future__ import annotations
@@ -32,6 +36,23 @@ OP_NAMES = (
     "attention_importance",
 )
 LOW = (torch.float16, torch.bfloat16)
+CPU_ENGINE_BUILT, CPU_ENGINE_REASON = scope_mod.cpu_engine_status()
+
+
+class _NoNumpyEngine:
+    def __init__(self, *args, **kwargs):
+        raise AssertionError("engine='cpp' must not fall back to the NumPy engine")
+
+
+@pytest.fixture(params=["numpy", "cpp"])
+def engine(request, monkeypatch):
+    """Run the test with the CPU greedy loop forced to one engine."""
+    if request.param == "cpp":
+        if not CPU_ENGINE_BUILT:
+            pytest.skip(f"vtprune._cpu: {CPU_ENGINE_REASON}")
+        monkeypatch.setattr(scope_mod, "_CpuGreedy", _NoNumpyEngine)
+    monkeypatch.setattr(scope_mod, "_ENGINE", request.param)
+    return request.param
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -85,7 +106,7 @@ SCOPE_CASES = [
 
 @pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "pick_order"])
 @pytest.mark.parametrize("case", SCOPE_CASES, ids=lambda c: f"n{c[0]}-k{c[2]}-{c[4]}-a{c[3]}")
-def test_scope_equals_reference_fp32(case, sorted_):
+def test_scope_equals_reference_fp32(case, sorted_, engine):
     n, d, k, alpha, combine = case
     x, sal = _tokens(2, n, d, seed=n * 31 + k)
     got = OPS["scope_select"](x, sal, k, alpha, combine, None, sorted_)
@@ -94,7 +115,7 @@ def test_scope_equals_reference_fp32(case, sorted_):
     assert torch.equal(got, want)
 
 
-def test_scope_equals_reference_large():
+def test_scope_equals_reference_large(engine):
     # the size the incremental update is for (LLaVA-NeXT-like N); one image keeps the reference's
     # dense k x N^2 loop affordable
     x, sal = _tokens(1, 2881, 192, seed=2881)
@@ -103,7 +124,7 @@ def test_scope_equals_reference_large():
     assert torch.equal(got, want)
 
 
-def test_scope_fp64_equals_reference():
+def test_scope_fp64_equals_reference(engine):
     x, sal = _tokens(2, 211, 48, seed=5, dtype=torch.float64)
     for combine in ("mul", "add"):
         got = OPS["scope_select"](x, sal, 40, 1.0, combine, None, False)
@@ -111,7 +132,7 @@ def test_scope_fp64_equals_reference():
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-def test_scope_low_precision(dtype):
+def test_scope_low_precision(dtype, engine):
     n, k = 577, 64
     x, sal = _tokens(2, n, 128, seed=11, dtype=dtype)
     got = OPS["scope_select"](x, sal, k, 1.0, "mul", None, True)
@@ -122,7 +143,7 @@ def test_scope_low_precision(dtype):
     assert torch.allclose(ours, theirs, rtol=1e-3), (ours, theirs)
 
 
-def test_scope_pure_coverage_is_a_greedy_run():
+def test_scope_pure_coverage_is_a_greedy_run(engine):
     # alpha = 0 on few tokens has exact ties (two tokens covering only each other have equal
     # gains): equal up to a tie, and the pick must be valid greedy either way
     x, sal = _tokens(3, 31, 16, seed=3)
@@ -135,7 +156,7 @@ def test_scope_pure_coverage_is_a_greedy_run():
 
 
 @pytest.mark.parametrize("combine", ["mul", "add"])
-def test_scope_batch_with_lengths_equals_each_image_alone(combine):
+def test_scope_batch_with_lengths_equals_each_image_alone(combine, engine):
     lens = [97, 50, 13, 97]
     x, sal = _tokens(4, 97, 40, seed=17)
     x[2, 13:] = float("nan")  # padding may hold anything
@@ -150,7 +171,7 @@ def test_scope_batch_with_lengths_equals_each_image_alone(combine):
 
 
 @pytest.mark.parametrize("batch", [1, 3], ids=["single", "batched"])
-def test_scope_chunked_update_equals_reference(batch, monkeypatch):
+def test_scope_chunked_update_equals_reference(batch, monkeypatch, engine):
     # a few rows per chunk, so every step's update runs over several chunks
     monkeypatch.setattr(scope_mod, "_CHUNK_ELEMS", 97 * 5)
     x, sal = _tokens(batch, 97, 32, seed=19)
@@ -159,7 +180,7 @@ def test_scope_chunked_update_equals_reference(batch, monkeypatch):
     assert torch.equal(got, reference.scope_select(x, sal, 30, 1.0, "mul", lengths, False))
 
 
-def test_scope_varlen_equals_per_sequence_calls():
+def test_scope_varlen_equals_per_sequence_calls(engine):
     g = _gen(23)
     seqlens = [50, 1, 79, 70, 3]
     ks = [10, 1, 33, 5, 3]
@@ -179,7 +200,7 @@ def test_scope_varlen_equals_per_sequence_calls():
             assert torch.equal(idx[int(cu_k[b]) : int(cu_k[b + 1])], alone[0] + s0)
 
 
-def test_scope_pick_order_has_the_prefix_property():
+def test_scope_pick_order_has_the_prefix_property(engine):
     x, sal = _tokens(2, 300, 32, seed=29)
     full = OPS["scope_select"](x, sal, 60, 1.0, "mul", None, False)
     for kk in (1, 17, 59):
@@ -198,7 +219,7 @@ def _degenerate_inputs():
 @pytest.mark.parametrize("batch", [1, 2], ids=["single", "batched"])
 @pytest.mark.parametrize("combine", ["mul", "add"])
 @pytest.mark.parametrize("saliency", ["ones", "zeros", "rand", "negative"])
-def test_scope_degenerate_ties_break_like_the_reference(saliency, combine, batch):
+def test_scope_degenerate_ties_break_like_the_reference(saliency, combine, batch, engine):
     x, sal = _degenerate_inputs()
     x, sal = x[:batch], sal[:batch]
     sal = {"ones": torch.ones_like(sal), "zeros": torch.zeros_like(sal), "rand": sal, "negative": -sal}[saliency]
@@ -210,7 +231,7 @@ def test_scope_degenerate_ties_break_like_the_reference(saliency, combine, batch
 
 
 @pytest.mark.parametrize("batch", [1, 3], ids=["single", "batched"])
-def test_scope_non_finite_inputs(batch):
+def test_scope_non_finite_inputs(batch, engine):
     g = _gen(37)
     x = torch.randn(batch, 60, 16, generator=g)
     sal = torch.rand(batch, 60, generator=g)
@@ -241,6 +262,108 @@ def test_scope_blocked_similarity_is_exact_and_symmetric():
     s = scope_mod._symmetric_similarity(x)
     assert torch.equal(s, s.mT)
     assert torch.allclose(s, x @ x.mT, atol=1e-6)
+
+
+def _engine_case(g: torch.Generator, trial: int):
+    """Random batched SCOPE inputs: gaussian, clustered or duplicated tokens, padding, both combines."""
+    batch = int(torch.randint(1, 4, (1,), generator=g))
+    n = int(torch.randint(1, 200, (1,), generator=g))
+    d = int(torch.randint(2, 40, (1,), generator=g))
+    kind = trial % 3
+    if kind == 0:
+        x = torch.randn(batch, n, d, generator=g)
+    elif kind == 1:  # a few tight clusters: many near-equal gains, many fully covered tokens
+        centers = torch.randn(batch, 4, d, generator=g)
+        x = centers[:, torch.randint(0, 4, (n,), generator=g)] + 0.05 * torch.randn(batch, n, d, generator=g)
+    else:  # exact duplicates and zero tokens
+        x = torch.randn(batch, n, d, generator=g)
+        x[:, n // 3 : n // 2] = x[:, : max(1, n // 6)].repeat(1, 3, 1)[:, : n // 2 - n // 3]
+        x[:, -max(1, n // 8) :] = 0
+    sal = torch.rand(batch, n, generator=g)
+    if trial % 4 == 3:
+        sal = torch.ones_like(sal)
+    lengths = torch.randint(1, n + 1, (batch,), generator=g) if trial % 2 else None
+    k = int(torch.randint(1, (n if lengths is None else int(lengths.min())) + 1, (1,), generator=g))
+    alpha = (0.0, 0.5, 1.0, 2.0)[trial % 4]
+    combine = ("mul", "add")[(trial // 2) % 2]
+    return x, sal, k, alpha, combine, lengths
+
+
+@pytest.mark.skipif(not CPU_ENGINE_BUILT, reason=f"vtprune._cpu: {CPU_ENGINE_REASON}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_scope_cpu_engines_agree_with_each_other_and_the_reference(dtype, monkeypatch):
+    g = _gen(97)
+    exact = 0
+    for trial in range(40):
+        x, sal, k, alpha, combine, lengths = _engine_case(g, trial)
+        x = x.to(dtype)
+        picks = {}
+        for eng in ("numpy", "cpp"):
+            monkeypatch.setattr(scope_mod, "_ENGINE", eng)
+            picks[eng] = scope_mod.scope_picks(x, sal, k, alpha, combine, lengths)
+        want = reference.scope_select(x, sal, k, alpha, combine, lengths, False)
+        # late picks (k up to n) at small D are full of mathematical near-ties, which the
+        # engines and the reference may round apart: equal, or apart only after a near-tie
+        for b in range(x.shape[0]):
+            nb = x.shape[1] if lengths is None else int(lengths[b])
+            assert_valid_selection(picks["cpp"][b : b + 1], k, nb)
+            args = (x[b, :nb], sal[b, :nb], alpha, combine)
+            assert_same_greedy(picks["cpp"][b], want[b], *args)
+            assert_same_greedy(picks["cpp"][b], picks["numpy"][b], *args)
+        exact += bool(torch.equal(picks["cpp"], want))
+    assert exact >= 20, exact  # most cases have no near-tie at all
+
+
+@pytest.mark.skipif(not CPU_ENGINE_BUILT, reason=f"vtprune._cpu: {CPU_ENGINE_REASON}")
+def test_scope_auto_engine_is_the_cpp_one(monkeypatch):
+    # "auto" takes vtprune._cpu for float32 and float64 similarities when it is built
+    monkeypatch.setattr(scope_mod, "_ENGINE", "auto")
+    monkeypatch.setattr(scope_mod, "_CpuGreedy", _NoNumpyEngine)
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        x, sal = _tokens(2, 50, 16, seed=101, dtype=dtype)
+        got = OPS["scope_select"](x, sal, 10, 1.0, "mul", None, False)
+        assert_valid_selection(got, 10, 50)
+
+
+@pytest.mark.skipif(not CPU_ENGINE_BUILT, reason=f"vtprune._cpu: {CPU_ENGINE_REASON}")
+def test_scope_cpp_engine_threads_over_images(monkeypatch):
+    # several images on several threads give each image's own picks; k past a short image's
+    # length only pads its tail (callers drop those picks)
+    monkeypatch.setattr(scope_mod, "_ENGINE", "cpp")
+    x, sal = _tokens(5, 80, 24, seed=103)
+    lengths = torch.tensor([80, 3, 57, 80, 20])
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    got = scope_mod.scope_picks(x, sal, 10, 1.0, "mul", lengths)
+    for b, n in enumerate(lengths.tolist()):
+        alone = scope_mod.scope_picks(x[b : b + 1, :n], sal[b : b + 1, :n], min(10, n), 1.0, "mul", None)
+        assert torch.equal(got[b, : min(10, n)], alone[0])
+        assert bool((got[b, n:] == 0).all())
+
+
+@pytest.mark.skipif(not CPU_ENGINE_BUILT, reason=f"vtprune._cpu: {CPU_ENGINE_REASON}")
+def test_cpu_engine_rejects_bad_arguments_without_touching_memory():
+    cpu = scope_mod._cpu_module
+    for fn in (cpu.scope_greedy_f32, cpu.scope_greedy_f64):
+        with pytest.raises(ValueError, match="N must be >= 0"):
+            fn(16, 16, 0, 1, -1, 1, True, 1e-6, 16)
+        with pytest.raises(ValueError, match="out_ptr"):
+            fn(16, 16, 0, 1, 1, 1, True, 1e-6, 0)
+        with pytest.raises(ValueError, match="s_ptr"):
+            fn(0, 16, 0, 1, 1, 1, True, 1e-6, 16)
+        fn(0, 0, 0, 0, 5, 3, True, 1e-6, 0)  # nothing to do: no pointer is read
+
+
+def test_scope_cpp_engine_forced_without_module_raises(monkeypatch):
+    monkeypatch.setattr(scope_mod, "_ENGINE", "cpp")
+    monkeypatch.setattr(scope_mod, "_cpu_module", None)
+    monkeypatch.setattr(scope_mod, "_cpu_import_error", "not built (test)")
+    x, sal = _tokens(1, 10, 4, seed=107)
+    with pytest.raises(RuntimeError, match="not built"):
+        OPS["scope_select"](x, sal, 3, 1.0, "mul", None, False)
+    monkeypatch.setattr(scope_mod, "_ENGINE", "auto")  # auto falls back to the NumPy engine
+    assert torch.equal(
+        OPS["scope_select"](x, sal, 3, 1.0, "mul", None, False), reference.scope_select(x, sal, 3, 1.0, "mul", None, False)
+    )
 
 
 # ----------------------------------------------------------------------------- HoloV

@@ -52,6 +52,19 @@ def _extension_info() -> str:
     return "built: " + ", ".join(parts)
 
 
+def _cpu_engine_info() -> str:
+    """Whether vtprune._cpu (the C++ CPU engine of the torch backend's SCOPE loop) is built."""
+    try:
+        from .torch_backend import scope
+
+        built, reason = scope.cpu_engine_status()
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({type(exc).__name__}: {exc})"
+    if built:
+        return "built (torch backend SCOPE on CPU uses the C++ loop)"
+    return f"{reason}; the torch backend uses its NumPy loop"
+
+
 def _gpu_info() -> list[str]:
     import torch
 
@@ -99,6 +112,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("torch", f"{torch.__version__} (built with CUDA {torch.version.cuda or 'none'})"),
         ("triton", _triton_version()),
         ("vtprune._C", _extension_info()),
+        ("vtprune._cpu", _cpu_engine_info()),
         ("GPU", "; ".join(_gpu_info())),
         ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "unset")),
     ]

@@ -29,7 +29,10 @@ the sums were rounded, alone or padded in a batch.
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -54,6 +57,11 @@ _NUMPY_MAX_ELEMS = 1 << 15
 # Elements of S processed per chunk in the CPU update (4 MiB of fp32), so the gather, the
 # clamps and the column sum of one chunk stay in cache.
 _CHUNK_ELEMS = 1 << 20
+# The CPU greedy loop: "auto" = the C++ engine vtprune._cpu when it is built and S is
+# float32/float64, else the NumPy engine (_CpuGreedy); "numpy" = always the NumPy engine;
+# "cpp" = always vtprune._cpu (an error if it is not built). Tests switch it per case.
+_ENGINE = os.environ.get("VTPRUNE_SCOPE_CPU_ENGINE", "auto").strip().lower() or "auto"
+_CPP_FUNCS = {torch.float32: "scope_greedy_f32", torch.float64: "scope_greedy_f64"}
 
 
 def _symmetric_similarity(x: Tensor) -> Tensor:
@@ -296,6 +304,54 @@ class _CpuGreedy:
             self.gain_t[int(owner[s0])].sub_(rows[s0:s1].sum(dim=0))
 
 
+# ----------------------------------------------------------------------------- CPU, C++
+
+_cpu_module: ModuleType | None = None
+_cpu_import_error: str | None = None
+
+
+def cpu_engine_status() -> tuple[bool, str]:
+    """Whether the C++ CPU engine ``vtprune._cpu`` imports: ``(built, reason)``."""
+    global _cpu_module, _cpu_import_error
+    if _cpu_module is None and _cpu_import_error is None:
+        try:
+            _cpu_module = importlib.import_module("vtprune._cpu")
+        except ModuleNotFoundError as exc:
+            _cpu_import_error = (
+                "not built (installed without a C++ compiler/cmake or with VTPRUNE_BUILD_CPU=0)"
+                if exc.name == "vtprune._cpu"
+                else f"vtprune._cpu failed to import: {exc}"
+            )
+        except ImportError as exc:
+            _cpu_import_error = f"vtprune._cpu is present but failed to import: {exc}"
+    if _cpu_module is not None:
+        return True, "ok"
+    return False, _cpu_import_error or "not built"
+
+
+def _cpp_greedy(s: Tensor, w: Tensor, lengths: Tensor | None, k: int, mul: bool, tau: float) -> Tensor | None:
+    """The whole CPU loop in ``vtprune._cpu`` (same semantics as :class:`_CpuGreedy`), or None
+    when that engine is not to be used here (not built, other dtype, or ``_ENGINE == "numpy"``)."""
+    if _ENGINE == "numpy":
+        return None
+    built, reason = cpu_engine_status()
+    func = _CPP_FUNCS.get(s.dtype)
+    if not built or func is None:
+        if _ENGINE == "cpp":
+            raise RuntimeError(f"SCOPE CPU engine 'cpp' unavailable: {reason if not built else s.dtype}")
+        return None
+    batch, n, _ = s.shape
+    s = s.contiguous()
+    w = w.to(torch.float64).contiguous()
+    lens = None if lengths is None else lengths.to(device="cpu", dtype=torch.int64).contiguous()
+    out = torch.empty(batch, k, dtype=torch.int64)
+    threads = min(batch, torch.get_num_threads())
+    getattr(_cpu_module, func)(
+        s.data_ptr(), w.data_ptr(), 0 if lens is None else lens.data_ptr(), batch, n, k, mul, tau, out.data_ptr(), threads
+    )
+    return out
+
+
 # ----------------------------------------------------------------------------- ops
 
 
@@ -333,6 +389,9 @@ def scope_picks(
         dense = device.type != "cpu"
     if dense:
         return _greedy_dense(s, w, valid, k, mul, tau)
+    picks = _cpp_greedy(s, w, lengths, k, mul, tau)
+    if picks is not None:
+        return picks
     return _CpuGreedy(s, w, valid, mul, tau).run(k)
 
 
