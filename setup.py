@@ -49,34 +49,16 @@ def _log(msg: str) -> None:
     print(f"vtprune setup: {msg}", file=sys.stderr, flush=True)
 
 
-def _cuda_build_mode() -> str:
-    """'auto', 'on' or 'off' from VTPRUNE_BUILD_CUDA."""
-    raw = os.environ.get("VTPRUNE_BUILD_CUDA", "").strip().lower()
+def _build_mode(var: str) -> str:
+    """'auto', 'on' or 'off' from the environment variable ``var`` (VTPRUNE_BUILD_CUDA/CPU)."""
+    raw = os.environ.get(var, "").strip().lower()
     if raw in ("", "auto"):
         return "auto"
     if raw in ("1", "true", "yes", "on"):
         return "on"
     if raw in ("0", "false", "no", "off"):
         return "off"
-    raise SystemExit(
-        f"vtprune setup: VTPRUNE_BUILD_CUDA must be 0 or 1 (or unset for auto-detection), "
-        f"got {os.environ['VTPRUNE_BUILD_CUDA']!r}"
-    )
-
-
-def _cpu_build_mode() -> str:
-    """'auto', 'on' or 'off' from VTPRUNE_BUILD_CPU."""
-    raw = os.environ.get("VTPRUNE_BUILD_CPU", "").strip().lower()
-    if raw in ("", "auto"):
-        return "auto"
-    if raw in ("1", "true", "yes", "on"):
-        return "on"
-    if raw in ("0", "false", "no", "off"):
-        return "off"
-    raise SystemExit(
-        f"vtprune setup: VTPRUNE_BUILD_CPU must be 0 or 1 (or unset for auto-detection), "
-        f"got {os.environ['VTPRUNE_BUILD_CPU']!r}"
-    )
+    raise SystemExit(f"vtprune setup: {var} must be 0 or 1 (or unset for auto-detection), got {os.environ[var]!r}")
 
 
 def _find_cxx() -> str | None:
@@ -281,7 +263,7 @@ def _extensions() -> tuple[list[Extension], list[str]]:
 
 def _cpu_extension(cmake_coming: bool) -> CMakeExtension | None:
     """vtprune._cpu, or None (with a notice) when it is not wanted or cannot be built here."""
-    mode = _cpu_build_mode()
+    mode = _build_mode("VTPRUNE_BUILD_CPU")
     if mode == "off":
         _log("VTPRUNE_BUILD_CPU=0: installing without the C++ CPU engine vtprune._cpu")
         _warn_stale_inplace_module("_cpu")
@@ -309,7 +291,7 @@ def _cpu_extension(cmake_coming: bool) -> CMakeExtension | None:
 
 def _cuda_extension() -> CMakeExtension | None:
     """vtprune._C, or None (with a notice) when it is not wanted or nvcc is missing."""
-    mode = _cuda_build_mode()
+    mode = _build_mode("VTPRUNE_BUILD_CUDA")
     if mode == "off":
         _log("VTPRUNE_BUILD_CUDA=0: installing without the CUDA extension vtprune._C")
         _warn_stale_inplace_module()

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -54,6 +55,20 @@ OTHER_DEVICE = torch.device("cpu" if DEVICE.type == "cuda" else "meta")
 
 #: Import problems of backends that say they are usable; reported by test_backend_modules_import.
 BACKEND_IMPORT_ERRORS: dict[str, str] = {}
+
+
+def triton_kernel_module(name: str):
+    """``vtprune.triton_kernels.<name>``, its kernels decorated for this machine.
+
+    Skips the calling test module when triton is missing. If the module was imported before
+    ``TRITON_INTERPRET`` was set (it is read when ``@triton.jit`` decorates), it is reloaded; the
+    backend glue holds the module object, so it sees the reloaded kernels too.
+    """
+    pytest.importorskip("triton", reason="triton is not installed (pip install 'vtprune[triton]')")
+    module = importlib.import_module(f"vtprune.triton_kernels.{name}")
+    if not torch.cuda.is_available() and not module._is_interpreted():
+        module = importlib.reload(module)
+    return module
 
 
 def _backend_runs_here(name: str, device: torch.device) -> bool:

@@ -7,28 +7,15 @@ so shapes stay small; the CUDA kernel tests are skipped then (with the reason fr
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+import pytest
+
+from vtprune import _cuda
+from conftest import triton_kernel_module
+
+triton_coverage = triton_kernel_module("coverage")
 HAS_GPU = torch.cuda.is_available()
-if not HAS_GPU:
-    # Must happen before the kernel module is imported: @triton.jit picks interpreter vs compiler
-    # when it decorates.
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton", reason="triton is not installed (pip install 'vtprune[triton]')")
-
-from vtprune import _cuda  # noqa: E402
-
-triton_coverage = importlib.import_module("vtprune.triton_kernels.coverage")
-if not HAS_GPU and not triton_coverage._is_interpreted():
-    # Another test module imported the kernel before TRITON_INTERPRET was set; decorate it again.
-    triton_coverage = importlib.reload(triton_coverage)
 
 DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 EPS = 1e-6

@@ -11,29 +11,15 @@ computation at the same precision (the reference in float32, which is also what 
 
 from __future__ import annotations
 
-import os
-
+import pytest
 import torch
 
+import vtprune
+from vtprune import reference
+from conftest import triton_kernel_module
+
+triton_attention = triton_kernel_module("attention")
 HAS_GPU = torch.cuda.is_available()
-if not HAS_GPU:
-    # Before any triton kernel module is imported: @triton.jit picks interpreter vs compiler
-    # when it decorates (tests/conftest.py does the same).
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib  # noqa: E402
-
-import pytest  # noqa: E402
-
-pytest.importorskip("triton", reason="triton is not installed (pip install 'vtprune[triton]')")
-
-import vtprune  # noqa: E402
-from vtprune import reference  # noqa: E402
-
-triton_attention = importlib.import_module("vtprune.triton_kernels.attention")
-if not HAS_GPU and not triton_attention._is_interpreted():
-    # Another module imported the kernel before TRITON_INTERPRET was set; decorate it again.
-    triton_attention = importlib.reload(triton_attention)
 
 INTERPRETED = triton_attention._is_interpreted()
 attention_importance = triton_attention.attention_importance

@@ -15,31 +15,15 @@ mathematically equal gains ``1 - c(a) + S(a, b) - c(b)``); the tests count them.
 
 from __future__ import annotations
 
-import os
-
+import numpy as np
+import pytest
 import torch
 
+import vtprune
+from conftest import check_greedy_picks, np_cosine, np_weights, triton_kernel_module
+
+triton_scope = triton_kernel_module("scope")
 HAS_GPU = torch.cuda.is_available()
-if not HAS_GPU:
-    # Before any triton kernel module is imported: @triton.jit picks interpreter vs compiler
-    # when it decorates (tests/conftest.py does the same).
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import importlib  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-
-pytest.importorskip("triton", reason="triton is not installed (pip install 'vtprune[triton]')")
-
-import vtprune  # noqa: E402
-from conftest import check_greedy_picks, np_cosine, np_weights  # noqa: E402
-
-triton_scope = importlib.import_module("vtprune.triton_kernels.scope")
-if not HAS_GPU and not triton_scope._is_interpreted():
-    # Another module imported the kernel before TRITON_INTERPRET was set; decorate it again.
-    # (The backend glue holds the module object, so it sees the reloaded kernel too.)
-    triton_scope = importlib.reload(triton_scope)
 
 INTERPRETED = triton_scope._is_interpreted()
 

@@ -17,11 +17,14 @@ import importlib
 import os
 from typing import Any
 
-__all__ = ["coverage_max_sim", "status", "interpreting"]
+__all__ = ["attention_importance", "coverage_max_sim", "interpreting", "scope_select", "scope_select_varlen", "status"]
 
 # public name -> kernel module (relative to this package) that defines it
 _LAZY: dict[str, str] = {
     "coverage_max_sim": ".coverage",
+    "scope_select": ".scope",
+    "scope_select_varlen": ".scope",
+    "attention_importance": ".attention",
 }
 
 MIN_TRITON = (3, 6)
