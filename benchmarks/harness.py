@@ -61,7 +61,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 1) -> float:
+def median_ms(fn: Callable[[], object], device: torch.device, repeat: int, warmup: int = 3) -> float:
     """Median wall time of ``fn`` in ms; on CUDA, CUDA events around each call."""
     for _ in range(warmup):
         fn()
