@@ -71,6 +71,20 @@ def triton_kernel_module(name: str):
     return module
 
 
+def kernel_devices(module) -> list:
+    """``parametrize`` values for a Triton kernel test: CPU under the interpreter, and CUDA."""
+    return [
+        pytest.param(
+            "cpu",
+            id="cpu-interpreter",
+            marks=pytest.mark.skipif(
+                not module._is_interpreted(), reason="CPU tensors run only under the Triton interpreter (a GPU is present)"
+            ),
+        ),
+        pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")),
+    ]
+
+
 def _backend_runs_here(name: str, device: torch.device) -> bool:
     try:
         st = _dispatch.status(name)

@@ -16,7 +16,7 @@ import torch
 
 import vtprune
 from vtprune import reference
-from conftest import triton_kernel_module
+from conftest import kernel_devices, triton_kernel_module
 
 triton_attention = triton_kernel_module("attention")
 HAS_GPU = torch.cuda.is_available()
@@ -24,14 +24,7 @@ HAS_GPU = torch.cuda.is_available()
 INTERPRETED = triton_attention._is_interpreted()
 attention_importance = triton_attention.attention_importance
 
-DEVICES = [
-    pytest.param(
-        "cpu",
-        id="cpu-interpreter",
-        marks=pytest.mark.skipif(not INTERPRETED, reason="CPU tensors run only under the Triton interpreter (a GPU is present)"),
-    ),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")),
-]
+DEVICES = kernel_devices(triton_attention)
 DTYPES = [pytest.param(t, id=str(t).removeprefix("torch.")) for t in (torch.float32, torch.float16, torch.bfloat16)]
 FLOOR = 1e-6  # absolute slack on top of twice PyTorch's own error
 

@@ -20,21 +20,14 @@ import pytest
 import torch
 
 import vtprune
-from conftest import check_greedy_picks, np_cosine, np_weights, triton_kernel_module
+from conftest import check_greedy_picks, np_cosine, np_weights, kernel_devices, triton_kernel_module
 
 triton_scope = triton_kernel_module("scope")
 HAS_GPU = torch.cuda.is_available()
 
 INTERPRETED = triton_scope._is_interpreted()
 
-DEVICES = [
-    pytest.param(
-        "cpu",
-        id="cpu-interpreter",
-        marks=pytest.mark.skipif(not INTERPRETED, reason="CPU tensors run only under the Triton interpreter (a GPU is present)"),
-    ),
-    pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not HAS_GPU, reason="no CUDA device")),
-]
+DEVICES = kernel_devices(triton_scope)
 
 #: Relative gap under which two candidate scores count as a near-tie (fp32 rounding may decide).
 TIE_REL = 1e-5
