@@ -44,3 +44,37 @@ def saliency_weights(saliency: Tensor, alpha: float) -> Tensor:
     """``max(saliency, 0) ** alpha`` with ``0 ** 0 = 1`` (SPEC §1), in the compute dtype."""
     s = saliency.to(compute_dtype(saliency.dtype)).clamp_min(0)
     return torch.pow(s, alpha)
+
+
+#: Images with more tokens than this keep the SCOPE similarity in float16 (2 bytes per entry, so
+#: N = 16384 needs 512 MiB instead of 1 GiB). Decided by N alone, never by the batch size, so an
+#: image gets the same picks whatever it is batched with.
+SCOPE_FP32_MAX_N = 4096
+
+
+def scope_similarity_dtype(n: int) -> torch.dtype:
+    """Storage dtype of the ``[N, N]`` SCOPE similarity the kernels read: float32 up to
+    :data:`SCOPE_FP32_MAX_N` tokens (bitwise the reference's values), float16 above."""
+    return torch.float32 if n <= SCOPE_FP32_MAX_N else torch.float16
+
+
+def scope_similarity(tokens: Tensor, storage: torch.dtype | None = None, row_chunk: int = 1024) -> Tensor:
+    """``[B, N, N]`` cosine similarity (SPEC §1) of ``tokens [B, N, D]``, contiguous, for the kernels.
+
+    float32 storage is one ``bmm`` of the fp32-normalized rows (the reference's formula).
+    float16 storage (default above :data:`SCOPE_FP32_MAX_N` tokens) is computed the same way in
+    fp32, ``row_chunk`` rows at a time, and rounded once, so the extra memory is ``2 * B * N**2``
+    bytes plus one ``[B, row_chunk, N]`` fp32 block, never a full fp32 matrix.
+    """
+    storage = storage or scope_similarity_dtype(tokens.shape[-2])
+    if storage not in (torch.float32, torch.float16):
+        raise ValueError(f"storage must be torch.float32 or torch.float16, got {storage}")
+    xn = normalize_rows(tokens)
+    if storage == torch.float32:
+        return torch.bmm(xn, xn.transpose(1, 2)).contiguous()
+    batch, n, _ = xn.shape
+    out = torch.empty(batch, n, n, dtype=storage, device=xn.device)
+    for start in range(0, n, row_chunk):
+        stop = min(start + row_chunk, n)
+        out[:, start:stop] = torch.bmm(xn[:, start:stop], xn.transpose(1, 2))
+    return out
