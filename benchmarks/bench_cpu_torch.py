@@ -8,12 +8,16 @@ greedy step) against ``torch_backend`` ``scope_select`` at B=1, D=1024, (N, k) =
 and (2880, 160). The similarity matrix is computed inside both timings. HoloV: a per-image,
 per-crop Python loop written the way the official ``HoloV()`` is (one small matmul, eye
 mask, mean/variance and ``.item()`` reads per crop, the leftover handed out index by index)
-but returning indices, against ``torch_backend`` ``holov_select``, at B=1, N=576, D=4096,
-k=64 (16 crops). Both pairs are checked to select the same tokens before any timing.
+but returning indices (the official code gathers the kept tokens and pads; skipping that only
+makes the baseline faster), against ``torch_backend`` ``holov_select``, at B=1, N=576, D=4096,
+k=64 (16 crops), once per CPU engine of the torch backend: ``cpp`` (the C++ engine of
+``vtprune._cpu``, what ``auto`` runs when it is built) and ``torch`` (its vectorized torch code);
+``--holov-engine`` picks one. Both pairs are checked to select the same tokens before any timing.
 
 Timings: after one warm-up each, the baseline runs ``--repeat`` times, then the torch
 backend (``--interleave`` alternates them, for a machine other processes load), with
-torch's default thread count; the median and the minimum of each are printed with ratios.
+torch's default thread count (``--threads`` sets it for both; the C++ engines use at most
+that many threads); the median and the minimum of each are printed with ratios.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 
 from vtprune import reference
 from vtprune.torch_backend import OPS
+from vtprune.torch_backend import holov as holov_mod
 
 
 def _time_pair(baseline, ours, repeat: int, interleave: bool) -> tuple[float, float, float, float]:
@@ -144,22 +149,30 @@ def holov_official_loop(image_tokens: torch.Tensor, attention: torch.Tensor, num
     return torch.stack(out)
 
 
-def bench_holov(repeat: int, interleave: bool) -> list[tuple[str, float, float, bool]]:
+def bench_holov(repeat: int, interleave: bool, engines: list[str]) -> list[tuple[str, float, float, bool]]:
     n, d, k = 576, 4096, 64
     crops = reference.default_num_crops(n, k)
     g = torch.Generator().manual_seed(4096)
     tokens = torch.randn(1, n, d, generator=g)
     attn = torch.rand(1, n, generator=g)
     base = holov_official_loop(tokens, attn, crops, k)
-    ours = OPS["holov_select"](tokens, attn, k, None, 0.09, "attn", None, False)
-    same = torch.equal(base, ours)
-    times = _time_pair(
-        lambda: holov_official_loop(tokens, attn, crops, k),
-        lambda: OPS["holov_select"](tokens, attn, k, None, 0.09, "attn", None, True),
-        repeat,
-        interleave,
-    )
-    return [(f"holov  B=1 N={n} D={d} k={k} C={crops}", *times, same)]
+    rows = []
+    saved = holov_mod._ENGINE
+    try:
+        for engine in engines:
+            holov_mod._ENGINE = engine  # "cpp" raises here if vtprune._cpu is not built
+            ours = OPS["holov_select"](tokens, attn, k, None, 0.09, "attn", None, False)
+            same = torch.equal(base, ours)
+            times = _time_pair(
+                lambda: holov_official_loop(tokens, attn, crops, k),
+                lambda: OPS["holov_select"](tokens, attn, k, None, 0.09, "attn", None, True),
+                repeat,
+                interleave,
+            )
+            rows.append((f"holov  B=1 N={n} D={d} k={k} C={crops} {engine}", *times, same))
+    finally:
+        holov_mod._ENGINE = saved
+    return rows
 
 
 def main() -> None:
@@ -167,19 +180,33 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7, help="timed runs per measurement (median reported)")
     parser.add_argument("--only", choices=("scope", "holov"), default=None)
     parser.add_argument("--interleave", action="store_true", help="alternate baseline and torch runs (busy machines)")
+    parser.add_argument(
+        "--holov-engine",
+        choices=("cpp", "torch", "both"),
+        default=None,
+        help="CPU engine(s) of the torch backend's HoloV to time (default: both when vtprune._cpu has it, else torch)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads for both sides (default: torch's)"
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.holov_engine is None:
+        args.holov_engine = "both" if holov_mod.cpu_engine_status()[0] else "torch"
+    holov_engines = ["cpp", "torch"] if args.holov_engine == "both" else [args.holov_engine]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     if args.only in (None, "scope"):
         rows += bench_scope(args.repeat, args.interleave)
     if args.only in (None, "holov"):
-        rows += bench_holov(args.repeat, args.interleave)
-    print(f"{'':40s} {'median of ' + str(args.repeat) + ' (ms)':>32s}   {'minimum (ms)':>29s}")
+        rows += bench_holov(args.repeat, args.interleave, holov_engines)
+    print(f"{'':44s} {'median of ' + str(args.repeat) + ' (ms)':>32s}   {'minimum (ms)':>29s}")
     cols = f"{'baseline':>10s} {'torch':>10s} {'ratio':>10s}   {'baseline':>9s} {'torch':>9s} {'ratio':>9s}"
-    print(f"{'case':40s} {cols}  same picks")
+    print(f"{'case':44s} {cols}  same picks")
     for name, med_ref, med_ours, min_ref, min_ours, same in rows:
         print(
-            f"{name:40s} {med_ref:10.2f} {med_ours:10.2f} {med_ref / med_ours:9.1f}x"
+            f"{name:44s} {med_ref:10.2f} {med_ours:10.2f} {med_ref / med_ours:9.1f}x"
             f"   {min_ref:9.2f} {min_ours:9.2f} {min_ref / min_ours:8.1f}x  {same}"
         )
 

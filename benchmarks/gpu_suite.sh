@@ -5,8 +5,11 @@
 #    so setuptools, wheel and pybind11 must already be installed, as torch is);
 # 2. runs the whole test suite with the GPU tests on;
 # 3. runs compute-sanitizer (memcheck, racecheck, synccheck) over benchmarks/sanitizer_driver.py;
-# 4. runs the benchmark table;
-# and writes logs, JSON and a markdown summary (device, driver, versions, date) to OUT_DIR.
+# 4. runs the benchmark tables of SCOPE, HoloV and attention importance (benchmarks/run.py,
+#    i.e. `vtprune bench`), each to OUT_DIR/<op>.json and <op>.md, and, when matplotlib is
+#    installed, OUT_DIR/<op>.png (latency vs N / k / L per provider);
+# and writes logs and a markdown summary (device, driver, versions, date, every table) to OUT_DIR.
+# Nothing is downloaded: the build uses the installed setuptools/pybind11/cmake.
 # Exit status: non-zero if any step failed; every step runs regardless.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_suite.sh OUT_DIR}
@@ -33,7 +36,16 @@ step tests $py -m pytest -q tests
 for tool in memcheck racecheck synccheck; do
   step "sanitizer-$tool" compute-sanitizer --tool "$tool" --error-exitcode 1 $py benchmarks/sanitizer_driver.py
 done
-step bench-scope $py benchmarks/run.py --out "$out"
+if $py -c "import matplotlib" 2>/dev/null; then plots=1; else
+  plots=0; echo "gpu_suite: matplotlib is not installed: the tables run, the PNG plots are skipped"
+fi
+for op in scope holov attention; do
+  rm -f "$out/$op.json" "$out/$op.md" "$out/$op.png"  # no stale table from an earlier run
+  plot_args=()
+  [ $plots -eq 1 ] && plot_args=(--plot "$out/$op.png")
+  # the ${a[@]+...} form: an empty array is an unbound variable under `set -u` before bash 4.4
+  step "bench-$op" $py benchmarks/run.py --op "$op" --out "$out" ${plot_args[@]+"${plot_args[@]}"}
+done
 
 {
   echo "# vtprune GPU suite"
@@ -50,7 +62,20 @@ step bench-scope $py benchmarks/run.py --out "$out"
   echo
   echo "Test summary: $(tail -n 1 "$out/tests.log")"
   echo
-  [ -f "$out/scope.md" ] && sed 1d "$out/scope.md"
+  for op in scope holov attention; do
+    if [ -f "$out/$op.md" ]; then
+      echo "## $op"
+      echo
+      echo "Files: $op.json, $op.md$([ -f "$out/$op.png" ] && echo ", $op.png (latency plot)"); log: bench-$op.log"
+      sed 1d "$out/$op.md"
+      [ -f "$out/$op.png" ] && printf '\n![%s latency](%s.png)\n' "$op" "$op"
+      echo
+    else
+      echo "## $op: no table (see bench-$op.log)"
+      echo
+    fi
+  done
+  [ $plots -eq 1 ] || echo "No plots: matplotlib is not installed on this machine."
 } > "$out/summary.md"
 echo "gpu_suite: wrote $out/summary.md"
 exit $status

@@ -30,8 +30,109 @@ def _inputs(b: int, n: int, d: int, dtype: torch.dtype, seed: int):
     return x, s, lengths
 
 
-def run(backend: str) -> int:
+def _valid_selection(idx: torch.Tensor, k: int, limits: list[int]) -> bool:
+    """``idx [B, k]``: k distinct indices per row, row b inside [0, limits[b])."""
+    if idx.shape != (len(limits), k):
+        return False
+    return all(len(set(row)) == k and all(0 <= v < lim for v in row) for row, lim in zip(idx.tolist(), limits))
+
+
+def run_cuda_scope_paths() -> int:
+    """The CUDA SCOPE kernel's other paths: S in fp16 (N > 4096), the per-image state in the global
+    workspace, and a changed-row list applied several times per step.
+
+    On an H100 the state leaves shared memory only above ~18K tokens (S alone would be ~650 MiB per
+    image, very slow under the sanitizer), so that instantiation is forced with the kernel's test
+    knob at the odd sizes instead; it is the same code as the natural large-N path.
+    """
+    from vtprune import _cuda
+
+    checks = []
+    for n in SIZES + (1500,):
+        x, s, lengths = _inputs(3, n, 33, torch.float32, seed=n + 1)
+        k = max(1, int(lengths.min()) // 2)
+        limits = lengths.tolist()
+        base = _cuda.scope_select(x, s, k, 1.0, "mul", lengths, False)
+        for name, opts in (
+            ("global-state", dict(force_global_state=True)),
+            ("fp16-S", dict(similarity_dtype=torch.float16)),
+            ("fp16-S-global-state", dict(similarity_dtype=torch.float16, force_global_state=True)),
+            ("list-1024", dict(max_list=1024)),
+            ("list-1024-global-state", dict(max_list=1024, force_global_state=True)),
+        ):
+            got = _cuda.scope_select(x, s, k, 1.0, "add" if "fp16" in name else "mul", lengths, False, **opts)
+            ok = _valid_selection(got, k, limits)
+            if name == "global-state":
+                ok = ok and torch.equal(got, base)  # the same arithmetic, only elsewhere
+            checks.append((f"scope {name} N={n}", ok))
+    # N > 4096: S stored in fp16 by the default path (one image padded, one mixed-storage batch)
+    for lens in ([4099, 4097], [4099, 1000]):
+        x, s, _ = _inputs(2, 4099, 8, torch.float16, seed=4099)
+        got = vtprune.fused_scope_select(x, s, 16, lengths=torch.tensor(lens), backend="cuda")
+        checks.append((f"scope fp16-S N=4099 lengths={lens}", _valid_selection(got, 16, lens)))
+    return _report("cuda", checks)
+
+
+def _report(label: str, checks: list[tuple[str, bool]]) -> int:
+    """Print each failed check to stderr and return how many failed."""
     failures = 0
+    for op, ok in checks:
+        if not ok:
+            failures += 1
+            print(f"FAIL {label} {op}", file=sys.stderr)
+    torch.cuda.synchronize()
+    return failures
+
+
+# Per-backend seed factor and output-order parity of the HoloV sweep: the two backends see
+# different inputs and opposite `sorted` flags per crop count, so together they cover more cases.
+_HOLOV_SWEEP = {"cuda": (7, 0, 0), "triton": (11, 1, 1)}
+
+
+def run_holov(backend: str) -> int:
+    """The HoloV kernels of ``backend`` at odd sizes with padding (``lengths``), every dtype,
+    D = 33 (scalar loads, one partial feature chunk) and D = 160 (16-byte loads, several chunks),
+    crop counts default / 1 / a middle one / N (one-token crops, budgets overflowing their crops),
+    both rank keys and both output orders; then crop_budgets (with NaN and negative weights) and
+    crop_topk alone. Every result must be a valid selection; fp32 picks and all budgets and top-k
+    results must equal the torch backend's.
+    """
+    seed_factor, sorted_parity, w_seed_offset = _HOLOV_SWEEP[backend]
+    checks = []
+    for n in SIZES:
+        for dtype in DTYPES:
+            for d in (33, 160):
+                x, s, lengths = _inputs(3, n, d, dtype, seed=seed_factor * n + d)
+                limits = lengths.tolist()
+                n_min = min(limits)
+                k = max(1, n_min // 2)
+                counts = list(dict.fromkeys([None, 1, max(1, n_min // 3), n_min]))
+                for i, crops in enumerate(counts):
+                    for rank_by in ("attn", "score"):
+                        kwargs = dict(num_crops=crops, rank_by=rank_by, lengths=lengths, sorted=i % 2 == sorted_parity)
+                        got = vtprune.holov_select(x, s, k, backend=backend, **kwargs)
+                        ok = _valid_selection(got, k, limits)
+                        if dtype == torch.float32:
+                            ok = ok and torch.equal(got, vtprune.holov_select(x, s, k, backend="torch", **kwargs))
+                        checks.append((f"holov_select N={n} D={d} {dtype} C={crops} {kwargs}", ok))
+            # the two building blocks alone, on the crops of each image
+            crops = max(1, n_min // 3)
+            sizes = torch.tensor([[length // crops + (c < length % crops) for c in range(crops)] for length in limits])
+            w = torch.rand(3, crops, generator=torch.Generator().manual_seed(n + w_seed_offset)).to("cuda", dtype)
+            w[2, ::2] = float("nan")
+            w[1, ::3] = -0.5
+            budgets = vtprune.crop_budgets(w, k, sizes.cuda(), backend=backend)
+            want = vtprune.crop_budgets(w, k, sizes.cuda(), backend="torch")
+            checks.append((f"crop_budgets N={n} C={crops} {dtype}", torch.equal(budgets, want)))
+            for srt in (True, False):
+                got = vtprune.crop_topk(s, sizes.cuda(), want, k=k, sorted=srt, backend=backend)
+                ref = vtprune.crop_topk(s, sizes.cuda(), want, k=k, sorted=srt, backend="torch")
+                checks.append((f"crop_topk N={n} C={crops} {dtype} sorted={srt}", torch.equal(got, ref)))
+    return _report(backend, checks)
+
+
+def run(backend: str) -> int:
+    results = []
     for n in SIZES:
         for dtype in DTYPES:
             x, s, lengths = _inputs(3, n, 33, dtype, seed=n)
@@ -39,21 +140,18 @@ def run(backend: str) -> int:
             checks = []
             if implements(backend, "scope_select"):
                 got = vtprune.fused_scope_select(x, s, k, lengths=lengths, backend=backend)
-                checks.append(("scope_select", got.shape == (3, k) and bool((got >= 0).all())))
+                checks.append(("scope_select", _valid_selection(got, k, lengths.tolist())))
                 cu = torch.tensor([0, n, 2 * n], dtype=torch.int32)
                 idx, cu_k = vtprune.scope_select_varlen(x[:2].reshape(2 * n, -1), s[:2].reshape(-1), cu, k, backend=backend)
-                checks.append(("scope_select_varlen", idx.numel() == 2 * k))
+                ok = idx.numel() == 2 * k and _valid_selection((idx.view(2, k) - idx.new_tensor([[0], [n]])), k, [n, n])
+                checks.append(("scope_select_varlen", ok))
             if implements(backend, "coverage_max_sim"):
                 idx = torch.randint(0, int(lengths.min()), (3, k), generator=torch.Generator().manual_seed(n)).cuda()
                 got = vtprune.facility_location(x, idx, lengths=lengths, backend=backend)
                 want = vtprune.facility_location(x, idx, lengths=lengths, backend="torch")
                 checks.append(("facility_location", bool(torch.allclose(got, want, rtol=1e-3, atol=1e-3))))
-            for op, ok in checks:
-                if not ok:
-                    failures += 1
-                    print(f"FAIL {backend} {op} N={n} {dtype}", file=sys.stderr)
-    torch.cuda.synchronize()
-    return failures
+            results += [(f"{op} N={n} {dtype}", ok) for op, ok in checks]
+    return _report(backend, results)
 
 
 def main() -> int:
@@ -65,6 +163,11 @@ def main() -> int:
         return 2
     backends = ["cuda"] + (["triton"] if args.triton else [])
     failures = sum(run(b) for b in backends if vtprune.backends()[b].usable)
+    if vtprune.backends()["cuda"].usable:
+        failures += run_cuda_scope_paths()
+        failures += run_holov("cuda")
+    if args.triton and vtprune.backends()["triton"].usable:
+        failures += run_holov("triton")
     print(f"sanitizer_driver: {failures} failures over backends {backends}")
     return 1 if failures else 0
 

@@ -25,4 +25,73 @@ cudaError_t launch_coverage_max_sim(const void* tokens, int dtype, int64_t B, in
                                     int64_t K, const int64_t* lengths, float* out,
                                     cudaStream_t stream);
 
+// ---- SCOPE greedy selection (csrc/scope.cu)
+
+// Largest N the SCOPE launcher accepts: keeps every in-image index far from int32 overflow (S
+// itself would need 512 TiB in fp16 at this size).
+constexpr int64_t kScopeMaxN = int64_t{1} << 24;
+
+// Bytes of the global workspace launch_scope_greedy needs: gain and coverage (fp32) and selected
+// flags (uint8) per token, 9 * B * N (0 when B or N is 0). Host-only, touches no device.
+int64_t scope_workspace_bytes(int64_t B, int64_t N);
+
+// SCOPE greedy picks (SPEC §1) in pick order: out[b, i] for i < k_b, where
+// len_b = clamp(lengths[b], 1, N) and k_b = clamp(k_per_image[b], 0, min(len_b, k_max));
+// out[b, i] for i >= k_b is left untouched. One CTA per image runs every step.
+//
+// sim: [B, N, N] contiguous similarity, dtype code 0 (float32) or 1 (float16); only rows and
+// columns < len_b are read. weights: float32 [B, N], the saliency weights w(v). lengths,
+// k_per_image: int64 [B]. mul: combine "mul" (true) or "add". workspace: device memory of at least
+// scope_workspace_bytes(B, N) bytes, contents ignored (scratch for the per-image state when it
+// does not fit in shared memory). out: int64 [B, k_max]. All pointers are device pointers on one
+// device; `stream` belongs to that device. Allocates nothing, so it can be captured in a graph.
+// force_global_state and max_list (> 0: cap the changed-row list, rounded down to whole chunks of
+// 1024 rows) exist for tests; they change where the state lives and how often the list is
+// applied, not the contract.
+cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const float* weights,
+                                const int64_t* lengths, const int64_t* k_per_image, int64_t B,
+                                int64_t N, int64_t k_max, bool mul, void* workspace,
+                                int64_t workspace_bytes, int64_t* out, cudaStream_t stream,
+                                bool force_global_state, int64_t max_list);
+
+// ---- HoloV: crop statistics, budgets and per-crop top-k (csrc/holov.cu)
+
+// Crops the workspace is sized for: num_crops if > 0, else SPEC §2's default for N tokens,
+// min(N, max(1, 1024 N // (576 k))) (an image's own default never exceeds it).
+int64_t holov_max_crops(int64_t N, int64_t k, int64_t num_crops);
+
+// Bytes of device workspace each launcher below needs (contents ignored; host-only, touches no
+// device; -1 for negative sizes). Never 0.
+int64_t holov_select_workspace_bytes(int64_t B, int64_t N, int64_t k, int64_t num_crops);
+int64_t crop_budgets_workspace_bytes(int64_t B, int64_t C);
+int64_t crop_topk_workspace_bytes(int64_t B, int64_t C);
+
+// HoloV selection (SPEC §2, docs/semantics.md) in two launches: out[b, :k] for every image.
+// tokens: [B, N, D] with element strides (stride_b, stride_n, 1), dtype code 0/1/2 = fp32/fp16/bf16.
+// attn: float32 [B, N] contiguous. lengths: int64 [B] (clamped to [0, N]) or null for all N.
+// num_crops: crops per image, 0 for the per-image default. rank_by_score: rank inside a crop by
+// h (true) or attn (false). sorted: ascending indices, or crops in order with descending key inside.
+// Needs 1 <= k <= N < 2^31 and 0 <= num_crops <= N. out: int64 [B, k] contiguous.
+cudaError_t launch_holov_select(const void* tokens, int dtype, int64_t B, int64_t N, int64_t D,
+                                int64_t stride_b, int64_t stride_n, const float* attn,
+                                const int64_t* lengths, int64_t k, int64_t num_crops, float alpha,
+                                bool rank_by_score, bool sorted, void* workspace,
+                                int64_t workspace_bytes, int64_t* out, cudaStream_t stream);
+
+// Per-crop budgets summing to k (SPEC §2 with the capacity rule): weights float32 [B, C],
+// capacity int64 [B, C] (0 = absent crop), out int64 [B, C], all contiguous. Needs k >= 1 and
+// C < 2^31; a row whose capacity is below k gets less than k (rejected before, in Python).
+cudaError_t launch_crop_budgets(const float* weights, const int64_t* capacity, int64_t B,
+                                int64_t C, int64_t k, void* workspace, int64_t workspace_bytes,
+                                int64_t* out, cudaStream_t stream);
+
+// Top budgets[b, c] tokens by scores inside each contiguous crop (sizes crop_sizes[b, :], from
+// token 0): scores float32 [B, N], crop_sizes and budgets int64 [B, C], out int64 [B, k], all
+// contiguous. NaN ranks last, ties to the lowest index. Sizes are clamped so the crops stay within
+// N and budgets into [0, size]; output slots such clamping leaves empty are 0.
+cudaError_t launch_crop_topk(const float* scores, int64_t B, int64_t N, const int64_t* crop_sizes,
+                             const int64_t* budgets, int64_t C, int64_t k, bool sorted,
+                             void* workspace, int64_t workspace_bytes, int64_t* out,
+                             cudaStream_t stream);
+
 }  // namespace vtprune

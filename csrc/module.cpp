@@ -8,6 +8,7 @@
 
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -104,6 +105,209 @@ void coverage_max_sim(std::uintptr_t tokens_ptr, int dtype, int64_t B, int64_t N
   }
 }
 
+// ---- SCOPE greedy selection
+
+void check_scope_sizes(int64_t B, int64_t N) {
+  check_nonnegative("B", B);
+  check_nonnegative("N", N);
+  if (N > vtprune::kScopeMaxN) {
+    throw py::value_error("N must be <= " + std::to_string(vtprune::kScopeMaxN) + ", got " +
+                          std::to_string(N));
+  }
+  if (N > 0 && B > INT64_MAX / N / N) {
+    throw py::value_error("B * N * N overflows int64 (B = " + std::to_string(B) +
+                          ", N = " + std::to_string(N) + ")");
+  }
+}
+
+int64_t scope_workspace_bytes(int64_t B, int64_t N) {
+  check_scope_sizes(B, N);
+  return vtprune::scope_workspace_bytes(B, N);
+}
+
+void scope_greedy(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t weights_ptr,
+                  std::uintptr_t lengths_ptr, std::uintptr_t k_per_image_ptr, int64_t B, int64_t N,
+                  int64_t k_max, bool mul, std::uintptr_t workspace_ptr, int64_t workspace_bytes,
+                  std::uintptr_t out_ptr, std::uintptr_t stream, bool force_global_state,
+                  int64_t max_list) {
+  if (sim_dtype != static_cast<int>(vtprune::DType::Float32) &&
+      sim_dtype != static_cast<int>(vtprune::DType::Float16)) {
+    throw py::value_error("sim_dtype must be 0 (float32) or 1 (float16), got " +
+                          std::to_string(sim_dtype));
+  }
+  check_scope_sizes(B, N);
+  check_nonnegative("k_max", k_max);
+  check_nonnegative("workspace_bytes", workspace_bytes);
+  check_nonnegative("max_list", max_list);
+  if (B > 0 && N > 0 && k_max > 0) {
+    if (sim_ptr == 0) throw py::value_error("sim_ptr is null");
+    if (weights_ptr == 0) throw py::value_error("weights_ptr is null");
+    if (lengths_ptr == 0) throw py::value_error("lengths_ptr is null");
+    if (k_per_image_ptr == 0) throw py::value_error("k_per_image_ptr is null");
+    if (out_ptr == 0) throw py::value_error("out_ptr is null");
+    if (workspace_ptr == 0) throw py::value_error("workspace_ptr is null");
+    const int64_t need = vtprune::scope_workspace_bytes(B, N);
+    if (workspace_bytes < need) {
+      throw py::value_error("workspace_bytes must be >= scope_workspace_bytes(B, N) = " +
+                            std::to_string(need) + ", got " + std::to_string(workspace_bytes));
+    }
+  }
+  const cudaError_t err = vtprune::launch_scope_greedy(
+      as_ptr<const void>(sim_ptr), sim_dtype, as_ptr<const float>(weights_ptr),
+      as_ptr<const int64_t>(lengths_ptr), as_ptr<const int64_t>(k_per_image_ptr), B, N, k_max, mul,
+      as_ptr<void>(workspace_ptr), workspace_bytes, as_ptr<int64_t>(out_ptr),
+      reinterpret_cast<cudaStream_t>(stream), force_global_state, max_list);
+  if (err != cudaSuccess) {
+    throw std::runtime_error("vtprune._C.scope_greedy: CUDA launch failed: " + describe(err));
+  }
+}
+
+// ---- HoloV: crop statistics, budgets, per-crop top-k
+
+void check_int32_range(const char* name, int64_t value) {
+  if (value < 0 || value > INT32_MAX) {
+    throw py::value_error(std::string(name) + " must be in [0, 2^31 - 1], got " +
+                          std::to_string(value));
+  }
+}
+
+void check_holov_sizes(int64_t B, int64_t N, int64_t k, int64_t num_crops) {
+  check_nonnegative("B", B);
+  check_int32_range("N", N);
+  if (k < 1 || k > N) {
+    throw py::value_error("k must satisfy 1 <= k <= N = " + std::to_string(N) + ", got " +
+                          std::to_string(k));
+  }
+  if (num_crops < 0 || num_crops > N) {
+    throw py::value_error("num_crops must satisfy 0 (default) <= num_crops <= N = " +
+                          std::to_string(N) + ", got " + std::to_string(num_crops));
+  }
+  if (B > INT64_MAX / 16 / N) {
+    throw py::value_error("B * N overflows the workspace size (B = " + std::to_string(B) +
+                          ", N = " + std::to_string(N) + ")");
+  }
+}
+
+void check_crop_sizes(int64_t B, int64_t C) {
+  check_nonnegative("B", B);
+  check_int32_range("C", C);
+  if (C > 0 && B > INT64_MAX / 32 / C) {
+    throw py::value_error("B * C overflows the workspace size (B = " + std::to_string(B) +
+                          ", C = " + std::to_string(C) + ")");
+  }
+}
+
+void check_workspace(std::uintptr_t workspace_ptr, int64_t workspace_bytes, int64_t need,
+                     const char* sizer) {
+  if (workspace_ptr == 0) throw py::value_error("workspace_ptr is null");
+  if (workspace_bytes < need) {
+    throw py::value_error("workspace_bytes must be >= " + std::string(sizer) + " = " +
+                          std::to_string(need) + ", got " + std::to_string(workspace_bytes));
+  }
+}
+
+void require_ptr(const char* name, std::uintptr_t ptr) {
+  if (ptr == 0) throw py::value_error(std::string(name) + " is null");
+}
+
+int64_t holov_select_workspace_bytes(int64_t B, int64_t N, int64_t k, int64_t num_crops) {
+  check_holov_sizes(B, N, k, num_crops);
+  return vtprune::holov_select_workspace_bytes(B, N, k, num_crops);
+}
+
+void holov_select(std::uintptr_t tokens_ptr, int dtype, int64_t B, int64_t N, int64_t D,
+                  int64_t stride_b, int64_t stride_n, std::uintptr_t attn_ptr,
+                  std::uintptr_t lengths_ptr, int64_t k, int64_t num_crops, double alpha,
+                  bool rank_by_score, bool sorted, std::uintptr_t workspace_ptr,
+                  int64_t workspace_bytes, std::uintptr_t out_ptr, std::uintptr_t stream) {
+  if (!vtprune::is_valid_dtype(dtype)) {
+    throw py::value_error("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                          std::to_string(dtype));
+  }
+  check_holov_sizes(B, N, k, num_crops);
+  check_nonnegative("D", D);
+  check_nonnegative("stride_b", stride_b);
+  check_nonnegative("stride_n", stride_n);
+  if (!std::isfinite(alpha)) {
+    throw py::value_error("alpha must be finite, got " + std::to_string(alpha));
+  }
+  if (B > 0) {
+    if (D > 0) require_ptr("tokens_ptr", tokens_ptr);
+    require_ptr("attn_ptr", attn_ptr);
+    require_ptr("out_ptr", out_ptr);
+    check_workspace(workspace_ptr, workspace_bytes,
+                    vtprune::holov_select_workspace_bytes(B, N, k, num_crops),
+                    "holov_select_workspace_bytes(B, N, k, num_crops)");
+  }
+  const cudaError_t err = vtprune::launch_holov_select(
+      as_ptr<const void>(tokens_ptr), dtype, B, N, D, stride_b, stride_n,
+      as_ptr<const float>(attn_ptr), as_ptr<const int64_t>(lengths_ptr), k, num_crops,
+      static_cast<float>(alpha), rank_by_score, sorted, as_ptr<void>(workspace_ptr),
+      workspace_bytes, as_ptr<int64_t>(out_ptr), reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) {
+    throw std::runtime_error("vtprune._C.holov_select: CUDA launch failed: " + describe(err));
+  }
+}
+
+int64_t crop_budgets_workspace_bytes(int64_t B, int64_t C) {
+  check_crop_sizes(B, C);
+  return vtprune::crop_budgets_workspace_bytes(B, C);
+}
+
+void crop_budgets(std::uintptr_t weights_ptr, std::uintptr_t capacity_ptr, int64_t B, int64_t C,
+                  int64_t k, std::uintptr_t workspace_ptr, int64_t workspace_bytes,
+                  std::uintptr_t out_ptr, std::uintptr_t stream) {
+  check_crop_sizes(B, C);
+  if (k < 1) throw py::value_error("k must be >= 1, got " + std::to_string(k));
+  if (B > 0 && C > 0) {
+    require_ptr("weights_ptr", weights_ptr);
+    require_ptr("capacity_ptr", capacity_ptr);
+    require_ptr("out_ptr", out_ptr);
+    check_workspace(workspace_ptr, workspace_bytes, vtprune::crop_budgets_workspace_bytes(B, C),
+                    "crop_budgets_workspace_bytes(B, C)");
+  }
+  const cudaError_t err = vtprune::launch_crop_budgets(
+      as_ptr<const float>(weights_ptr), as_ptr<const int64_t>(capacity_ptr), B, C, k,
+      as_ptr<void>(workspace_ptr), workspace_bytes, as_ptr<int64_t>(out_ptr),
+      reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) {
+    throw std::runtime_error("vtprune._C.crop_budgets: CUDA launch failed: " + describe(err));
+  }
+}
+
+int64_t crop_topk_workspace_bytes(int64_t B, int64_t C) {
+  check_crop_sizes(B, C);
+  return vtprune::crop_topk_workspace_bytes(B, C);
+}
+
+void crop_topk(std::uintptr_t scores_ptr, int64_t B, int64_t N, std::uintptr_t crop_sizes_ptr,
+               std::uintptr_t budgets_ptr, int64_t C, int64_t k, bool sorted,
+               std::uintptr_t workspace_ptr, int64_t workspace_bytes, std::uintptr_t out_ptr,
+               std::uintptr_t stream) {
+  check_crop_sizes(B, C);
+  check_int32_range("N", N);
+  if (k < 1 || k > INT32_MAX) {
+    throw py::value_error("k must be in [1, 2^31 - 1], got " + std::to_string(k));
+  }
+  if (B > 0) {
+    require_ptr("scores_ptr", scores_ptr);
+    require_ptr("out_ptr", out_ptr);
+    if (C > 0) {
+      require_ptr("crop_sizes_ptr", crop_sizes_ptr);
+      require_ptr("budgets_ptr", budgets_ptr);
+    }
+    check_workspace(workspace_ptr, workspace_bytes, vtprune::crop_topk_workspace_bytes(B, C),
+                    "crop_topk_workspace_bytes(B, C)");
+  }
+  const cudaError_t err = vtprune::launch_crop_topk(
+      as_ptr<const float>(scores_ptr), B, N, as_ptr<const int64_t>(crop_sizes_ptr),
+      as_ptr<const int64_t>(budgets_ptr), C, k, sorted, as_ptr<void>(workspace_ptr),
+      workspace_bytes, as_ptr<int64_t>(out_ptr), reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) {
+    throw std::runtime_error("vtprune._C.crop_topk: CUDA launch failed: " + describe(err));
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -130,4 +334,55 @@ PYBIND11_MODULE(_C, m) {
         "strides (stride_b, stride_n, 1); indices int64 [B, K], lengths int64 [B], out float32 "
         "[B, N], all contiguous device memory. Indices outside [0, lengths[b]) are skipped; a "
         "token with no valid index gets -inf. Raises RuntimeError if the launch fails.");
+
+  m.def("scope_workspace_bytes", &scope_workspace_bytes, py::arg("B"), py::arg("N"),
+        "Bytes of device workspace scope_greedy needs for B images of N tokens (9 * B * N).");
+  m.def("scope_greedy", &scope_greedy, py::arg("sim_ptr"), py::arg("sim_dtype"),
+        py::arg("weights_ptr"), py::arg("lengths_ptr"), py::arg("k_per_image_ptr"), py::arg("B"),
+        py::arg("N"), py::arg("k_max"), py::arg("mul"), py::arg("workspace_ptr"),
+        py::arg("workspace_bytes"), py::arg("out_ptr"), py::arg("stream"),
+        py::arg("force_global_state") = false, py::arg("max_list") = 0,
+        "SCOPE greedy picks (SPEC §1) in pick order into out int64 [B, k_max] (entries past "
+        "image b's k are left untouched). sim: [B, N, N] similarity, dtype 0 (float32) or 1 "
+        "(float16); weights float32 [B, N]; lengths and k_per_image int64 [B] (clamped to [1, N] "
+        "and [0, min(length, k_max)]); mul: combine 'mul' (True) or 'add'; workspace: at least "
+        "scope_workspace_bytes(B, N) bytes. All contiguous device memory on one device; launches "
+        "on `stream`. force_global_state / max_list are test knobs (state in the workspace even "
+        "when shared memory suffices; a smaller changed-row list). Raises RuntimeError if the "
+        "launch fails.");
+
+  // ---- HoloV
+  m.def("holov_select_workspace_bytes", &holov_select_workspace_bytes, py::arg("B"), py::arg("N"),
+        py::arg("k"), py::arg("num_crops"),
+        "Bytes of device workspace holov_select needs (num_crops 0 = the per-image default).");
+  m.def("holov_select", &holov_select, py::arg("tokens_ptr"), py::arg("dtype"), py::arg("B"),
+        py::arg("N"), py::arg("D"), py::arg("stride_b"), py::arg("stride_n"), py::arg("attn_ptr"),
+        py::arg("lengths_ptr"), py::arg("k"), py::arg("num_crops"), py::arg("alpha"),
+        py::arg("rank_by_score"), py::arg("sorted"), py::arg("workspace_ptr"),
+        py::arg("workspace_bytes"), py::arg("out_ptr"), py::arg("stream"),
+        "HoloV selection (SPEC §2) into out int64 [B, k], two launches. tokens: fp32/fp16/bf16 "
+        "[B, N, D] with element strides (stride_b, stride_n, 1); attn float32 [B, N]; lengths "
+        "int64 [B] or 0 for none; num_crops 0 = default; rank_by_score: rank by h instead of attn; "
+        "sorted: ascending indices, else crops in order with descending key inside; workspace: at "
+        "least holov_select_workspace_bytes(B, N, k, num_crops) bytes. All contiguous device "
+        "memory on one device; launches on `stream`. Raises RuntimeError if the launch fails.");
+  m.def("crop_budgets_workspace_bytes", &crop_budgets_workspace_bytes, py::arg("B"), py::arg("C"),
+        "Bytes of device workspace crop_budgets needs.");
+  m.def("crop_budgets", &crop_budgets, py::arg("weights_ptr"), py::arg("capacity_ptr"),
+        py::arg("B"), py::arg("C"), py::arg("k"), py::arg("workspace_ptr"),
+        py::arg("workspace_bytes"), py::arg("out_ptr"), py::arg("stream"),
+        "Per-crop budgets summing to k (SPEC §2 with the capacity rule) into out int64 [B, C]. "
+        "weights float32 [B, C], capacity int64 [B, C] (0 = absent crop); workspace: at least "
+        "crop_budgets_workspace_bytes(B, C) bytes. Contiguous device memory; launches on "
+        "`stream`. Raises RuntimeError if the launch fails.");
+  m.def("crop_topk_workspace_bytes", &crop_topk_workspace_bytes, py::arg("B"), py::arg("C"),
+        "Bytes of device workspace crop_topk needs.");
+  m.def("crop_topk", &crop_topk, py::arg("scores_ptr"), py::arg("B"), py::arg("N"),
+        py::arg("crop_sizes_ptr"), py::arg("budgets_ptr"), py::arg("C"), py::arg("k"),
+        py::arg("sorted"), py::arg("workspace_ptr"), py::arg("workspace_bytes"),
+        py::arg("out_ptr"), py::arg("stream"),
+        "Top budgets[b, c] tokens by score inside each contiguous crop into out int64 [B, k] "
+        "(NaN last, ties to the lowest index). scores float32 [B, N]; crop_sizes, budgets int64 "
+        "[B, C]; workspace: at least crop_topk_workspace_bytes(B, C) bytes. Contiguous device "
+        "memory; launches on `stream`. Raises RuntimeError if the launch fails.");
 }

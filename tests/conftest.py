@@ -5,8 +5,9 @@
   kernels run in the interpreter on CPU tensors in CI and for real on a GPU machine.
 * :func:`backends_to_test` lists the backends that can run an op on this machine.
 * Independent float64 NumPy implementations of the SPEC formulas (cosine similarity,
-  facility location, SCOPE gains) used by several test files to check the library without
-  going through it.
+  facility location, SCOPE gains) and the greedy-validity checks built on them, used by
+  several test files to check the library without going through it. They live in
+  ``vtprune._verify`` (shared with ``vtprune check``) and are re-exported here.
 * A Hypothesis profile that keeps the property tests fast on 2 cores.
 """
 
@@ -28,7 +29,6 @@ except ImportError:  # pragma: no cover - depends on how the suite is launched
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python"))
     import vtprune  # noqa: F401
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -85,6 +85,74 @@ def kernel_devices(module) -> list:
     ]
 
 
+def require_c_entry(entry: str, source: str):
+    """vtprune._C with the entry point ``entry`` (bound from ``source``); skips only where _C cannot
+    have been built, fails where it was built before ``source`` existed."""
+    from test_build import require_c
+
+    c_module = require_c()
+    if not hasattr(c_module, entry):
+        pytest.fail(
+            f"{c_module.__file__} has no {entry}: it was built before {source}. Rebuild with `pip install -e .`."
+        )
+    return c_module
+
+
+def random_budget_case(g: torch.Generator, kind: int, batch: int = 3, max_crops: int = 10):
+    """Random ``crop_budgets`` inputs ``(weights [B, C], k, capacity [B, C])`` of weight family
+    ``kind`` (0 to 6, see the branches); every row can hold ``k`` (crop 0 always has room)."""
+    crops = int(torch.randint(1, max_crops, (1,), generator=g))
+    cap = torch.randint(0, 6, (batch, crops), generator=g)
+    cap[:, 0] += 1
+    k = int(torch.randint(1, int(cap.sum(1).min()) + 1, (1,), generator=g))
+    w = torch.rand(batch, crops, generator=g)
+    if kind == 0:  # normalized, like HoloV's
+        w = w / (w.sum(1, keepdim=True) + 1e-6)
+    elif kind == 1:  # small: a leftover larger than the crop count, cycling
+        w = w * 0.05
+    elif kind == 2:  # NaN weights: 0, ordered last
+        w = w / (w.sum(1, keepdim=True) + 1e-6)
+        w[torch.rand(batch, crops, generator=g) < 0.4] = float("nan")
+    elif kind == 3:  # all zero
+        w = torch.zeros(batch, crops)
+    elif kind == 4:  # exact ties and negative weights
+        w = torch.randint(-1, 3, (batch, crops), generator=g).float()
+        w = w / (w.clamp_min(0).sum(1, keepdim=True) + 1e-6)
+    elif kind == 5:  # all weight on one crop that cannot hold it: the cut cycles over the others
+        w = torch.zeros(batch, crops)
+        w[:, 0] = 1.0
+    else:  # summing above 1: rescaled
+        w = w * 3
+    return w, k, cap
+
+
+def random_crop_topk_case(g: torch.Generator, batch: int = 3):
+    """Random ``crop_topk`` inputs ``(scores [B, n], sizes [B, C], budgets [B, C], k)``, or None when
+    some row's crops hold no token (k would be 0).
+
+    Sizes (zeros allowed) sum to at most ``n < 60`` per row; every row gets the same ``k`` (the
+    smallest row total), split into budgets within the sizes in a random crop order. Scores are
+    small integers (many ties) with about 10% NaN.
+    """
+    n = int(torch.randint(1, 60, (1,), generator=g))
+    crops = int(torch.randint(1, 8, (1,), generator=g))
+    cuts = torch.sort(torch.randint(0, n + 1, (batch, crops), generator=g), dim=1).values
+    sizes = torch.diff(cuts, dim=1, prepend=torch.zeros(batch, 1, dtype=torch.int64))
+    k = int(sizes.sum(1).min())
+    if k == 0:
+        return None
+    budgets = torch.zeros_like(sizes)
+    for b in range(batch):
+        left = k
+        for c in torch.randperm(crops, generator=g).tolist():
+            take = min(left, int(sizes[b, c]))
+            budgets[b, c] = take
+            left -= take
+    scores = torch.randint(0, 5, (batch, n), generator=g).float()
+    scores[torch.rand(batch, n, generator=g) < 0.1] = float("nan")
+    return scores, sizes, budgets, k
+
+
 def _backend_runs_here(name: str, device: torch.device) -> bool:
     try:
         st = _dispatch.status(name)
@@ -128,116 +196,18 @@ def device() -> torch.device:
 
 # ----------------------------------------------------------------------------- float64 NumPy models of SPEC §1
 
-
-def np_cosine(x) -> np.ndarray:
-    """SPEC §1 similarity in float64: <x_u, x_v> / (max(|x_u|, 1e-6) max(|x_v|, 1e-6))."""
-    x = np.asarray(x.detach().cpu().double() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
-    norms = np.maximum(np.linalg.norm(x, axis=-1), 1e-6)
-    xn = x / norms[:, None]
-    return xn @ xn.T
-
-
-def np_facility_location(sim: np.ndarray, picks) -> float:
-    """sum_u max(0, max_{s in S} sim(u, s)), straight from the definition."""
-    picks = list(picks)
-    if not picks:
-        return 0.0
-    return float(np.maximum(sim[:, picks].max(axis=1), 0.0).sum())
-
-
-def np_weights(sal, alpha: float) -> np.ndarray:
-    s = np.maximum(np.asarray(sal.detach().cpu().double() if isinstance(sal, torch.Tensor) else sal, dtype=np.float64), 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((s == 0) & (alpha == 0), 1.0, s**alpha)
-
-
-def np_scope_scores(sim: np.ndarray, w: np.ndarray, picks, combine: str) -> np.ndarray:
-    """SCOPE scores of every token given the earlier picks, recomputed from scratch."""
-    n = sim.shape[0]
-    cover = np.zeros(n)
-    for t in picks:
-        cover = np.maximum(cover, sim[:, t])
-    gain = np.maximum(sim - cover[:, None], 0.0).sum(axis=0)
-    return gain * w if combine == "mul" else gain + w
-
-
-def check_greedy_picks(tokens, saliency, picks, alpha: float, combine: str, rel: float = 1e-5) -> None:
-    """Assert each pick (in pick order) maximizes the SCOPE score given the earlier picks.
-
-    A pick is accepted when its float64 score is within ``rel`` (relative) of the best
-    unselected score, plus a tiny absolute slack for scores that are mathematically 0.
-    """
-    sim = np_cosine(tokens)
-    w = np_weights(saliency, alpha)
-    n = sim.shape[0]
-    picks = [int(p) for p in picks]
-    assert len(set(picks)) == len(picks), f"repeated picks {picks}"
-    assert all(0 <= p < n for p in picks), f"picks out of range {picks} (N = {n})"
-    for i, t in enumerate(picks):
-        score = np_scope_scores(sim, w, picks[:i], combine)
-        score[picks[:i]] = -np.inf
-        arg = int(score.argmax())
-        best = float(score[arg])
-        # fp32 gains carry an absolute error of up to ~1e-7 per summed term (n terms); a
-        # "mul" score scales that by its weight.
-        slack = 1e-6 * n * ((w[t] + w[arg]) if combine == "mul" else 2.0)
-        tol = rel * abs(best) + slack
-        assert score[t] >= best - tol, (
-            f"step {i}: picked {t} with score {score[t]!r}, but the best unselected score is {best!r} "
-            f"(token {int(score.argmax())}); picks so far {picks[:i]}"
-        )
-
-
-def check_fl_greedy_picks(tokens, picks, rel: float = 1e-5) -> None:
-    """Assert each pick maximizes the facility-location gain FL(S + v) - FL(S)."""
-    sim = np_cosine(tokens)
-    n = sim.shape[0]
-    picks = [int(p) for p in picks]
-    for i, t in enumerate(picks):
-        base = np_facility_location(sim, picks[:i])
-        gains = np.array(
-            [-np.inf if v in picks[:i] else np_facility_location(sim, picks[:i] + [v]) - base for v in range(n)]
-        )
-        best = float(gains.max())
-        assert gains[t] >= best - (rel * abs(best) + 1e-6 * n), (
-            f"step {i}: picked {t} with FL gain {gains[t]!r}, best {best!r} (token {int(gains.argmax())})"
-        )
-
-
-def assert_valid_selection(idx: torch.Tensor, k: int, limits) -> None:
-    """``idx [B, k]``: int64, k distinct indices per row, each in [0, limits[b])."""
-    assert idx.dtype == torch.int64
-    assert idx.dim() == 2 and idx.shape[1] == k, tuple(idx.shape)
-    for b, row in enumerate(idx.tolist()):
-        lim = limits[b] if not isinstance(limits, int) else limits
-        assert len(set(row)) == k, f"row {b} has repeated indices: {row}"
-        assert all(0 <= v < lim for v in row), f"row {b} has indices out of [0, {lim}): {row}"
-
-
-def assert_same_greedy(got, want, tokens, saliency, alpha: float, combine: str, rel: float = 1e-5) -> None:
-    """Two SCOPE runs (pick order) on the same image must agree, except after a near-tie.
-
-    Different but valid computations (padded vs alone, packed vs per sequence, two backends)
-    may round a mathematically exact tie differently (e.g. two tokens that only cover each
-    other have equal gains at alpha = 0). So: equal, or at the first step where they differ
-    the two picks' float64 scores are within ``rel`` of each other and both runs are valid
-    greedy runs.
-    """
-    got, want = [int(v) for v in got], [int(v) for v in want]
-    assert len(got) == len(want)
-    if got == want:
-        return
-    i = next(j for j, (a, b) in enumerate(zip(got, want)) if a != b)
-    sim = np_cosine(tokens)
-    w = np_weights(saliency, alpha)
-    score = np_scope_scores(sim, w, got[:i], combine)
-    a, b = score[got[i]], score[want[i]]
-    slack = 1e-6 * sim.shape[0] * ((w[got[i]] + w[want[i]]) if combine == "mul" else 2.0)
-    assert abs(a - b) <= rel * max(abs(a), abs(b)) + slack, (
-        f"picks differ at step {i} without a tie: {got} vs {want}; scores {a!r} vs {b!r}"
-    )
-    check_greedy_picks(tokens, saliency, got, alpha, combine, rel)
-    check_greedy_picks(tokens, saliency, want, alpha, combine, rel)
+# The acceptance criteria live in the package so that `vtprune check` applies the same rules as
+# this suite; they are re-exported here for the test modules that import them from conftest.
+from vtprune._verify import (  # noqa: E402
+    assert_same_greedy,
+    assert_valid_selection,
+    check_fl_greedy_picks,
+    check_greedy_picks,
+    np_cosine,
+    np_facility_location,
+    np_scope_scores,
+    np_weights,
+)
 
 
 def examples_for(backend: str, base: int) -> int:

@@ -5,11 +5,11 @@ small: D <= 32, N <= 577); with a GPU the same tests run on CUDA tensors and the
 skipped.
 
 Exactness: on fp32 inputs the picks must equal the reference's, step for step, up to the first
-*near-tie* of the reference trajectory (two candidate scores within ``TIE_REL`` of each other in
-float64, where either implementation's fp32 rounding may legitimately decide). Past a near-tie the
-sequences may diverge, so from there on only greedy validity is required: every pick within
-``1e-5`` (relative) of the best float64 score given the kernel's own earlier picks. Such near-ties
-are real on random data (with ``alpha = 0`` two mutually close, still uncovered tokens ``a, b`` have
+*near-tie* of the reference trajectory (two candidate scores within ``vtprune._verify.TIE_REL``
+of each other in float64, where either implementation's fp32 rounding may legitimately decide).
+Past a near-tie the sequences may diverge, so from there on only greedy validity is required
+(``vtprune._verify.check_scope_picks``): every pick within ``1e-5`` (relative) of the best float64
+score given the kernel's own earlier picks. Such near-ties are real on random data (with ``alpha = 0`` two mutually close, still uncovered tokens ``a, b`` have
 mathematically equal gains ``1 - c(a) + S(a, b) - c(b)``); the tests count them.
 """
 
@@ -20,7 +20,8 @@ import pytest
 import torch
 
 import vtprune
-from conftest import check_greedy_picks, np_cosine, np_weights, kernel_devices, triton_kernel_module
+from conftest import kernel_devices, triton_kernel_module
+from vtprune._verify import check_scope_picks
 
 triton_scope = triton_kernel_module("scope")
 HAS_GPU = torch.cuda.is_available()
@@ -29,8 +30,6 @@ INTERPRETED = triton_scope._is_interpreted()
 
 DEVICES = kernel_devices(triton_scope)
 
-#: Relative gap under which two candidate scores count as a near-tie (fp32 rounding may decide).
-TIE_REL = 1e-5
 NEAR_TIES: list[str] = []  # cases that hit a near-tie, for the summary at the end
 
 
@@ -41,42 +40,14 @@ def _data(batch: int, n: int, d: int, seed: int, device: str, dtype=torch.float3
     return tokens, saliency
 
 
-def _first_near_tie(tokens, saliency, picks, alpha: float, combine: str) -> int:
-    """First step of the pick sequence whose best two float64 scores are within TIE_REL (else len)."""
-    sim = np_cosine(tokens)
-    w = np_weights(saliency, alpha)
-    n = sim.shape[0]
-    cover = np.zeros(n)
-    taken = np.zeros(n, dtype=bool)
-    for i, t in enumerate(picks):
-        if n - i >= 2:
-            gain = np.maximum(sim - cover[:, None], 0.0).sum(axis=0)
-            score = gain * w if combine == "mul" else gain + w
-            score = np.where(taken, -np.inf, score)
-            top2 = np.sort(score)[-2:]
-            if top2[1] - top2[0] <= TIE_REL * max(abs(top2[1]), 1e-30):
-                return i
-        taken[t] = True
-        cover = np.maximum(cover, sim[:, t])
-    return len(picks)
-
-
 def _check_against_reference(tokens, saliency, got, want, alpha, combine, lengths, case: str) -> None:
     """``got``/``want``: ``[B, k]`` in pick order. Exact up to the first near-tie, valid after."""
     for b in range(got.shape[0]):
         nb = tokens.shape[1] if lengths is None else int(lengths[b])
         x, s = tokens[b, :nb].float().cpu(), saliency[b, :nb].float().cpu()
-        g, r = got[b].tolist(), want[b].tolist()
-        if g == r:
-            continue
-        tie = _first_near_tie(x, s, r, alpha, combine)
-        diverge = next(i for i, (p, q) in enumerate(zip(g, r)) if p != q)
-        assert diverge >= tie, (
-            f"{case} image {b}: kernel and reference diverge at step {diverge} ({g[diverge]} vs {r[diverge]}) "
-            f"with no near-tie before it (first near-tie: step {tie})"
-        )
-        NEAR_TIES.append(f"{case} image {b}: diverged at step {diverge} (near-tie at {tie})")
-        check_greedy_picks(x, s, g, alpha, combine)
+        note = check_scope_picks(got[b].tolist(), want[b].tolist(), x, s, alpha, combine)
+        if note is not None:
+            NEAR_TIES.append(f"{case} image {b}: {note}")
 
 
 # (B, N, D, k, lengths or None)

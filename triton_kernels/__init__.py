@@ -17,7 +17,17 @@ import importlib
 import os
 from typing import Any
 
-__all__ = ["attention_importance", "coverage_max_sim", "interpreting", "scope_select", "scope_select_varlen", "status"]
+__all__ = [
+    "attention_importance",
+    "coverage_max_sim",
+    "crop_budgets",
+    "crop_topk",
+    "holov_select",
+    "interpreting",
+    "scope_select",
+    "scope_select_varlen",
+    "status",
+]
 
 # public name -> kernel module (relative to this package) that defines it
 _LAZY: dict[str, str] = {
@@ -25,6 +35,9 @@ _LAZY: dict[str, str] = {
     "scope_select": ".scope",
     "scope_select_varlen": ".scope",
     "attention_importance": ".attention",
+    "holov_select": ".holov",
+    "crop_budgets": ".holov",
+    "crop_topk": ".holov",
 }
 
 MIN_TRITON = (3, 6)

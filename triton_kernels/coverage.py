@@ -17,13 +17,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from vtprune.triton_kernels._common import SUPPORTED_FLOATS, check_device, interpreted
+
 __all__ = ["coverage_max_sim"]
 
 _EPS = 1e-6  # SPEC §1 norm floor: a zero token has similarity 0 with everything
 _BLOCK_U = 64
 _BLOCK_S = 32
 _MAX_BLOCK_D = 64
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -93,8 +94,7 @@ def _coverage_max_sim_kernel(
 
 
 def _is_interpreted() -> bool:
-    # The decorator picked interpreter vs compiler at import time; ask the result, not the env.
-    return type(_coverage_max_sim_kernel).__name__ == "InterpretedFunction"
+    return interpreted(_coverage_max_sim_kernel)
 
 
 def _check_inputs(tokens: Tensor, indices: Tensor, lengths: Tensor | None) -> None:
@@ -102,7 +102,7 @@ def _check_inputs(tokens: Tensor, indices: Tensor, lengths: Tensor | None) -> No
         raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
     if tokens.dim() != 3:
         raise ValueError(f"tokens must be [B, N, D], got shape {tuple(tokens.shape)}")
-    if tokens.dtype not in _SUPPORTED:
+    if tokens.dtype not in SUPPORTED_FLOATS:
         raise TypeError(f"tokens must be float32, float16 or bfloat16, got {tokens.dtype}")
     B = tokens.shape[0]
     if not isinstance(indices, Tensor) or indices.dim() != 2 or indices.shape[0] != B:
@@ -116,15 +116,7 @@ def _check_inputs(tokens: Tensor, indices: Tensor, lengths: Tensor | None) -> No
             raise ValueError(f"lengths must be an integer tensor [B={B}], got {shape}")
         if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
             raise TypeError(f"lengths must be an integer tensor, got {lengths.dtype}")
-    if tokens.device.type == "cuda":
-        return
-    if tokens.device.type == "cpu" and _is_interpreted():
-        return
-    raise ValueError(
-        f"the triton backend needs CUDA tensors (tokens are on {tokens.device}); CPU tensors work "
-        "only under the Triton interpreter, with TRITON_INTERPRET=1 set before "
-        "vtprune.triton_kernels.coverage is first imported"
-    )
+    check_device(tokens, "tokens", "coverage", _is_interpreted())
 
 
 def _empty_selection_result(N: int, indices: Tensor, lengths: Tensor) -> Tensor:

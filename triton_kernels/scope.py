@@ -6,13 +6,21 @@ Same contract as :func:`vtprune.reference.scope_select` / ``scope_select_varlen`
 
 Design
 ------
-1. Similarity, in torch: ``S = normalize_rows(x) @ normalize_rows(x)^T`` as one fp32 ``bmm``
-   (``[B, N, N]`` fp32, the same formula the reference evaluates; like the reference and the torch
-   backend it follows torch's float32 matmul precision, i.e. it is TF32 only if the caller enabled
-   TF32 for matmuls). The weights ``w = max(sal, 0) ** alpha`` come from
+1. Similarity, in torch: :func:`vtprune.similarity.scope_similarity`, i.e. ``S = normalize_rows(x)
+   @ normalize_rows(x)^T`` evaluated in fp32 (the reference's formula; like the reference and the
+   torch backend it follows torch's float32 matmul precision, so it is TF32 only if the caller
+   enabled TF32 for matmuls). The weights ``w = max(sal, 0) ** alpha`` come from
    :func:`vtprune.similarity.saliency_weights`.
-   Memory: ``4 * B * N**2`` bytes (1.3 MiB per image at N = 576, 33 MiB at N = 2880). Keeping S in
-   fp32 keeps the picks bitwise-faithful to the reference; 16-bit storage for large N is a later step.
+   Storage, decided per image by its own length (never by the padded width of the batch, so an
+   image's picks do not depend on what it is batched with; a batch mixing both kinds runs as two
+   launches, each padded only to its own longest image):
+   - up to ``SCOPE_FP32_MAX_N = 4096`` tokens S is kept in fp32, ``4 * B * N**2`` bytes (1.3 MiB
+     per image at N = 576, 33 MiB at N = 2880, 64 MiB at 4096), the reference's own fp32 values;
+   - above, S is built in fp32 row blocks and rounded once to fp16: ``2 * B * N**2`` bytes
+     (512 MiB per image at N = 16384) plus one fp32 row block and the fp32 normalized tokens
+     (``4 * B * N * D``). The kernel upcasts every load, so all the arithmetic below stays fp32
+     and the picks are the greedy picks of the rounded S (see docs/semantics.md).
+   The scratch rows of step 2 add ``21 * B * N`` bytes.
 2. One persistent launch, ``grid = (B,)``: program ``b`` runs every greedy step of image ``b``.
    Its state lives in small global scratch rows (L2-resident): gains ``[N]`` fp32, coverage ``[N]``
    fp32, a selected flag ``[N]`` int8 and a list of the rows whose coverage changed in the current
@@ -41,6 +49,8 @@ Design
 
 The kernel reads only inside ``[0, length_b)`` (lengths clamped to ``[1, N]``, per-image ``k``
 clamped to ``[0, min(length_b, K_MAX)]``), so bad values cannot read or write out of bounds.
+Offsets into S are int64 (``B * N * N`` reaches ``2**31`` at ``B = 8, N = 16384``); the
+per-row scratch offsets ``b * N + i`` are int64 as well.
 """
 
 from __future__ import annotations
@@ -50,11 +60,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vtprune.similarity import normalize_rows, saliency_weights
+from vtprune._varlen import bind_scope_picks, select_batched, select_packed
+from vtprune.similarity import saliency_weights, scope_similarity, scope_storage_groups
+from vtprune.triton_kernels._common import check_float, interpreted
 
 __all__ = ["scope_picks", "scope_select", "scope_select_varlen"]
 
-_SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
 # Tile sizes: BLOCK_U rows of S (the reduction axis) by BLOCK_V columns (candidates).
 # 32 x 256 fp32 = 32 KiB per tile, 32 values per thread with 8 warps.
 _BLOCK_U = 32
@@ -65,7 +76,7 @@ _BIG = 2**31 - 1  # "no index" sentinel, larger than any valid index
 
 @triton.jit
 def _scope_greedy_kernel(
-    s_ptr,  # fp32 [B, N, N]  similarity, row-major, contiguous
+    s_ptr,  # fp32 or fp16 [B, N, N]  similarity, row-major, contiguous (upcast on load)
     w_ptr,  # fp32 [B, N]     saliency weights
     len_ptr,  # int64 [B]     valid tokens per image
     k_ptr,  # int64 [B]       picks per image
@@ -114,7 +125,7 @@ def _scope_greedy_kernel(
                 s_b + offs_u.to(tl.int64)[:, None] * N + offs_v[None, :],
                 mask=u_ok[:, None] & v_ok[None, :],
                 other=0.0,
-            )
+            ).to(tl.float32)
             acc += tl.sum(tl.where(s < 0.0, 0.0, s), axis=0)  # NaN stays NaN, as clamp_min(0)
         tl.store(gain_b + offs_v, acc, mask=v_ok)
     tl.debug_barrier()  # gains written by some threads are read by others below
@@ -162,7 +173,7 @@ def _scope_greedy_kernel(
         for u0 in range(0, length, BLOCK_U):
             offs_u = u0 + ar_u
             u_ok = offs_u < length
-            col = tl.load(s_b + offs_u.to(tl.int64) * N + t, mask=u_ok, other=0.0)  # S[u, t]
+            col = tl.load(s_b + offs_u.to(tl.int64) * N + t, mask=u_ok, other=0.0).to(tl.float32)  # S[u, t]
             c = tl.load(cov_b + offs_u, mask=u_ok, other=0.0)
             changed = u_ok & (col > c)  # NaN never changes the coverage
             ch = changed.to(tl.int32)
@@ -188,7 +199,7 @@ def _scope_greedy_kernel(
                     s_b + u.to(tl.int64)[:, None] * N + offs_v[None, :],
                     mask=j_ok[:, None] & v_ok[None, :],
                     other=0.0,
-                )
+                ).to(tl.float32)
                 d = tl.minimum(tl.maximum(s - lo[:, None], 0.0), (hi - lo)[:, None])
                 acc += tl.sum(tl.where(j_ok[:, None], d, 0.0), axis=0)
             g = tl.load(gain_b + offs_v, mask=v_ok, other=0.0)
@@ -204,30 +215,11 @@ def _scope_greedy_kernel(
 
 
 def _is_interpreted() -> bool:
-    # The decorator picked interpreter vs compiler at import time; ask the result, not the env.
-    return type(_scope_greedy_kernel).__name__ == "InterpretedFunction"
-
-
-def _check_device(tokens: Tensor) -> None:
-    if tokens.device.type == "cuda":
-        return
-    if tokens.device.type == "cpu" and _is_interpreted():
-        return
-    raise ValueError(
-        f"the triton backend needs CUDA tensors (tokens are on {tokens.device}); CPU tensors work "
-        "only under the Triton interpreter, with TRITON_INTERPRET=1 set before "
-        "vtprune.triton_kernels.scope is first imported"
-    )
+    return interpreted(_scope_greedy_kernel)
 
 
 def _check_tokens(tokens: Tensor, rank: int, shape_doc: str) -> None:
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dim() != rank:
-        raise ValueError(f"tokens must be {shape_doc}, got shape {tuple(tokens.shape)}")
-    if tokens.dtype not in _SUPPORTED:
-        raise TypeError(f"tokens must be float32, float16 or bfloat16, got {tokens.dtype}")
-    _check_device(tokens)
+    check_float(tokens, "tokens", rank, shape_doc, "scope", _is_interpreted())
 
 
 def _pow2_block(n: int, cap: int) -> int:
@@ -245,6 +237,7 @@ def scope_picks(
     *,
     block_u: int | None = None,
     block_v: int | None = None,
+    similarity_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """SCOPE greedy picks in pick order: int64 ``[B, k_max]``.
 
@@ -257,10 +250,18 @@ def scope_picks(
         alpha, combine: as in SPEC §1 (``combine`` is "mul" or "add").
         lengths: optional int ``[B]`` valid tokens per image (clamped to ``[1, N]``).
         block_u, block_v: tile sizes (powers of 2 >= 16), for tests; defaults suit the GPU.
+        similarity_dtype: storage of S for every image, ``torch.float32`` or ``torch.float16``,
+            for tests (fp16 on sizes the interpreter can run). ``None``: each image by its own
+            length (:func:`vtprune.similarity.scope_storage_groups`).
     """
     _check_tokens(tokens, 3, "[B, N, D]")
     if combine not in ("mul", "add"):
         raise ValueError(f"combine must be 'mul' or 'add', got {combine!r}")
+    if similarity_dtype not in (None, torch.float32, torch.float16):
+        raise ValueError(f"similarity_dtype must be None, torch.float32 or torch.float16, got {similarity_dtype}")
+    for name, blk in (("block_u", block_u), ("block_v", block_v)):
+        if blk is not None and (blk < 16 or blk & (blk - 1)):
+            raise ValueError(f"{name} must be a power of 2 >= 16, got {blk}")
     batch, n, _ = tokens.shape
     device = tokens.device
     out = torch.empty(batch, k_max, dtype=torch.int64, device=device)
@@ -271,8 +272,41 @@ def scope_picks(
     lengths = lengths.to(device=device, dtype=torch.int64).contiguous()
     k_per_image = k_per_image.to(device=device, dtype=torch.int64).contiguous()
 
-    xn = normalize_rows(tokens)  # fp32 [B, N, D]
-    sim = torch.bmm(xn, xn.transpose(1, 2)).contiguous()  # fp32 [B, N, N]
+    if similarity_dtype is None:
+        plan = scope_storage_groups(n, lengths)
+    else:
+        plan = [(None, n, similarity_dtype)]
+    for rows, width, storage in plan:
+        if rows is None:
+            _launch(tokens[:, :width], saliency[:, :width], k_per_image, lengths, out, alpha, combine, storage, block_u, block_v)
+        else:
+            # images of the other storage run separately, each group padded only to its own width
+            r = rows.to(device)
+            part = torch.empty(r.shape[0], k_max, dtype=torch.int64, device=device)
+            _launch(
+                tokens[r, :width], saliency[r, :width], k_per_image[r], lengths[r], part,
+                alpha, combine, storage, block_u, block_v,
+            )
+            out[r] = part
+    return out
+
+
+def _launch(
+    tokens: Tensor,
+    saliency: Tensor,
+    k_per_image: Tensor,
+    lengths: Tensor,
+    out: Tensor,
+    alpha: float,
+    combine: str,
+    storage: torch.dtype,
+    block_u: int | None,
+    block_v: int | None,
+) -> None:
+    """One kernel launch over ``tokens [B, N, D]``, S stored as ``storage``; fills ``out [B, k_max]``."""
+    batch, n, _ = tokens.shape
+    device = tokens.device
+    sim = scope_similarity(tokens, storage)  # [B, N, N] fp32 or fp16, contiguous
     w = saliency_weights(saliency, alpha).to(device=device, dtype=torch.float32).contiguous()
 
     gain = torch.empty(batch, n, dtype=torch.float32, device=device)
@@ -284,9 +318,7 @@ def scope_picks(
 
     bu = block_u or _pow2_block(n, _BLOCK_U)
     bv = block_v or _pow2_block(n, _BLOCK_V)
-    for name, blk in (("block_u", bu), ("block_v", bv)):
-        if blk < 16 or blk & (blk - 1):
-            raise ValueError(f"{name} must be a power of 2 >= 16, got {blk}")
+    k_max = out.shape[1]
     args = (sim, w, lengths, k_per_image, gain, cover, selected, list_u, list_lo, list_hi, out, n, k_max)
     meta = dict(MUL=combine == "mul", BLOCK_U=bu, BLOCK_V=bv, BIG=_BIG, num_warps=_NUM_WARPS)
     if device.type == "cuda":
@@ -295,7 +327,6 @@ def scope_picks(
             _scope_greedy_kernel[(batch,)](*args, **meta)
     else:
         _scope_greedy_kernel[(batch,)](*args, **meta)
-    return out
 
 
 def scope_select(
@@ -310,10 +341,7 @@ def scope_select(
 ) -> Tensor:
     """SCOPE (SPEC §1) on ``[B, N, D]`` tokens: int64 ``[B, k]``, ascending or in pick order."""
     _check_tokens(tokens, 3, "[B, N, D]")
-    batch = tokens.shape[0]
-    ks = torch.full((batch,), int(k), dtype=torch.int64, device=tokens.device)
-    picks = scope_picks(tokens, saliency, ks, int(k), alpha, combine, lengths, **blocks)
-    return picks.sort(dim=1).values if sorted else picks
+    return select_batched(tokens, saliency, k, lengths, sorted, bind_scope_picks(scope_picks, alpha, combine, blocks))
 
 
 def scope_select_varlen(
@@ -334,29 +362,4 @@ def scope_select_varlen(
     ``1 <= k_b <= seqlen_b``); bad values are clamped inside the kernel, never read out of bounds.
     """
     _check_tokens(tokens, 2, "[T, D]")
-    device = tokens.device
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    ks = k_per_seq.to(device=device, dtype=torch.int64)
-    batch = ks.shape[0]
-    cu_k = torch.zeros(batch + 1, dtype=torch.int64, device=device)
-    cu_k[1:] = ks.cumsum(0)
-    if batch == 0 or tokens.shape[0] == 0:
-        return torch.empty(0, dtype=torch.int64, device=device), cu_k
-    lengths = cu[1:] - cu[:-1]
-    # The output shapes must be known on the host: one small sync, outside the kernel.
-    max_len, k_max, total = (int(v) for v in torch.stack([lengths.max(), ks.max(), cu_k[-1]]).tolist())
-    if max_len <= 0 or k_max <= 0 or total <= 0:
-        return torch.empty(0, dtype=torch.int64, device=device), cu_k
-    pos = torch.arange(max_len, device=device)
-    src = (cu[:-1, None] + pos[None, :]).clamp(0, tokens.shape[0] - 1)  # padded slots read a real token
-    x = tokens[src]  # [B, max_len, D]; padding is masked by `lengths` inside the kernel
-    sal = saliency[src]
-    picks = scope_picks(x, sal, ks, k_max, alpha, combine, lengths, **blocks)
-    if sorted:
-        keep = torch.arange(k_max, device=device)[None, :] < ks[:, None]
-        picks = torch.where(keep, picks, torch.full_like(picks, max_len)).sort(dim=1).values
-    # Sequence b's first k_b picks, packed, gathered without a boolean mask (no further sync).
-    j = torch.arange(total, device=device)
-    seq = torch.searchsorted(cu_k[1:], j, right=True)
-    indices = picks[seq, j - cu_k[seq]] + cu[seq]
-    return indices, cu_k
+    return select_packed(tokens, saliency, cu_seqlens, k_per_seq, sorted, bind_scope_picks(scope_picks, alpha, combine, blocks))

@@ -23,6 +23,8 @@
 
 #include <pybind11/pybind11.h>
 
+#include "holov_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -282,8 +284,8 @@ void scope_greedy(std::uintptr_t s_ptr, std::uintptr_t w_ptr, std::uintptr_t len
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() =
-      "vtprune CPU engine: the SCOPE greedy loop of the torch backend in one call (torch-free "
-      "bindings: raw host pointers and sizes)";
+      "vtprune CPU engine: the SCOPE greedy loop and the whole HoloV selection of the torch "
+      "backend, each in one call (torch-free bindings: raw host pointers and sizes)";
   const char* doc =
       "SCOPE greedy picks (SPEC §1) from a precomputed similarity, written to out [B, k] int64 in "
       "pick order. s: [B, N, N] contiguous and bitwise symmetric; w: float64 [B, N] weights; "
@@ -298,4 +300,5 @@ PYBIND11_MODULE(_cpu, m) {
         py::arg("lengths_ptr"), py::arg("B"), py::arg("N"), py::arg("k"), py::arg("mul"),
         py::arg("tau"), py::arg("out_ptr"), py::arg("num_threads") = 1,
         "As scope_greedy_f32 with a float64 similarity s.");
+  vtprune_cpu::register_holov(m);  // holov_cpu.cpp
 }

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import Callable
 
 import torch
 from torch import Tensor
 
+from ._varlen import bind_scope_picks, select_batched, select_packed
+from .similarity import saliency_weights, scope_similarity, scope_storage_groups
+
 __all__ = ["status", "is_available", "coverage_max_sim", "DTYPE_CODES"]
+__all__ += ["scope_picks", "scope_select", "scope_select_varlen"]
 
 #: dtype codes understood by vtprune._C (csrc/common.cuh, enum DType)
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -86,6 +91,33 @@ def _require() -> ModuleType:
     return _module
 
 
+def _check_tokens(tokens: Tensor, rank: int, shape_doc: str) -> None:
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
+    if tokens.dim() != rank:
+        raise ValueError(f"tokens must be {shape_doc}, got shape {list(tokens.shape)}")
+    if tokens.dtype not in DTYPE_CODES:
+        raise TypeError(f"tokens must be float32, float16 or bfloat16, got {tokens.dtype}")
+    if tokens.device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, tokens are on {tokens.device}")
+
+
+def _token_args(tokens: Tensor) -> tuple[int, ...]:
+    """``tokens [B, N, D]`` as the launchers take it: pointer, dtype code, sizes, batch and row strides."""
+    batch, n, dim = tokens.shape
+    return (tokens.data_ptr(), DTYPE_CODES[tokens.dtype], batch, n, dim, tokens.stride(0), tokens.stride(1))
+
+
+def _launch(launcher: Callable[..., None], device: torch.device, *args: object, **kwargs: object) -> None:
+    """Call a vtprune._C launcher on ``device`` with torch's current stream as its last argument.
+
+    The current stream orders the kernel with the surrounding torch ops (and with CUDA graph
+    capture).
+    """
+    with torch.cuda.device(device):
+        launcher(*args, torch.cuda.current_stream(device).cuda_stream, **kwargs)
+
+
 def _as_index_tensor(name: str, value: Tensor, shape: str, ndim: int, batch: int, device: torch.device) -> Tensor:
     """``value`` as a contiguous int64 tensor on ``device`` after checking it is ``[batch, ...]``."""
     if not isinstance(value, Tensor):
@@ -119,18 +151,11 @@ def coverage_max_sim(tokens: Tensor, indices: Tensor, lengths: Tensor | None = N
         TypeError / ValueError: bad dtype, shape or device.
     """
     module = _require()
-    if not isinstance(tokens, Tensor):
-        raise TypeError(f"tokens must be a torch.Tensor, got {type(tokens).__name__}")
-    if tokens.dim() != 3:
-        raise ValueError(f"tokens must be [B, N, D], got shape {list(tokens.shape)}")
-    if tokens.dtype not in DTYPE_CODES:
-        raise TypeError(f"tokens must be float32, float16 or bfloat16, got {tokens.dtype}")
-    if tokens.device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, tokens are on {tokens.device}")
+    _check_tokens(tokens, 3, "[B, N, D]")
     if tokens.stride(-1) != 1:
         tokens = tokens.contiguous()
 
-    B, N, D = tokens.shape
+    B, N, _ = tokens.shape
     device = tokens.device
     indices = _as_index_tensor("indices", indices, f"[B={B}, K]", 2, B, device)
     K = indices.shape[1]
@@ -142,21 +167,325 @@ def coverage_max_sim(tokens: Tensor, indices: Tensor, lengths: Tensor | None = N
     out = torch.empty((B, N), device=device, dtype=torch.float32)
     if B == 0 or N == 0:
         return out
+    _launch(module.coverage_max_sim, device, *_token_args(tokens), indices.data_ptr(), K, lengths.data_ptr(), out.data_ptr())
+    return out
+
+
+# ----------------------------------------------------------------------------- SCOPE
+
+#: Storage dtypes of the SCOPE similarity S understood by vtprune._C.scope_greedy.
+_SIM_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1}
+
+
+def scope_picks(
+    tokens: Tensor,
+    saliency: Tensor,
+    k_per_image: Tensor,
+    k_max: int,
+    alpha: float,
+    combine: str,
+    lengths: Tensor | None = None,
+    *,
+    similarity_dtype: torch.dtype | None = None,
+    force_global_state: bool = False,
+    max_list: int = 0,
+) -> Tensor:
+    """SCOPE greedy picks (SPEC §1) in pick order on the CUDA kernel: int64 ``[B, k_max]``.
+
+    The similarity S is built in torch (:func:`vtprune.similarity.scope_similarity`: fp32 for an
+    image of up to 4096 tokens, fp16 above, decided by each image's own length), then one launch
+    per storage kind runs every greedy step of every image (csrc/scope.cu).
+
+    Args:
+        tokens: ``[B, N, D]`` float32/float16/bfloat16 CUDA tensor.
+        saliency: ``[B, N]`` float tensor on the same device.
+        k_per_image: int ``[B]``, picks of image ``b`` (clamped to ``[0, min(lengths[b], k_max)]``);
+            entries ``>= k_per_image[b]`` of row ``b`` are left uninitialized.
+        k_max: columns of the result.
+        alpha, combine: as in SPEC §1 (``combine`` is "mul" or "add").
+        lengths: optional int ``[B]`` valid tokens per image (clamped to ``[1, N]``).
+        similarity_dtype: storage of S for every image (``torch.float32``/``torch.float16``), for
+            tests; ``None`` decides per image as above.
+        force_global_state, max_list: test knobs of the kernel (per-image state in the global
+            workspace even where shared memory suffices; a changed-row list capped at
+            ``max_list`` rows, rounded down to whole chunks of 1024). They do not change the
+            contract.
+
+    Raises:
+        RuntimeError: ``backend='cuda' is not available: <reason>``, or the CUDA launch error.
+        TypeError / ValueError: bad dtype, shape, device or option.
+    """
+    module = _require()
+    _check_tokens(tokens, 3, "[B, N, D]")
+    if combine not in ("mul", "add"):
+        raise ValueError(f"combine must be 'mul' or 'add', got {combine!r}")
+    if similarity_dtype not in (None, *_SIM_CODES):
+        raise ValueError(f"similarity_dtype must be None, torch.float32 or torch.float16, got {similarity_dtype}")
+    batch, n, _ = tokens.shape
+    device = tokens.device
+    if not isinstance(saliency, Tensor) or tuple(saliency.shape) != (batch, n):
+        got = list(saliency.shape) if isinstance(saliency, Tensor) else type(saliency).__name__
+        raise ValueError(f"saliency must be a tensor of shape [B={batch}, N={n}], got {got}")
+    if saliency.device != device:
+        raise ValueError(f"saliency must be on {device} like tokens, got {saliency.device}")
+    k_per_image = _as_index_tensor("k_per_image", k_per_image, f"[B={batch}]", 1, batch, device)
+    out = torch.empty(batch, k_max, dtype=torch.int64, device=device)
+    if batch == 0 or n == 0 or k_max == 0:
+        return out
+    if lengths is None:
+        lengths = torch.full((batch,), n, dtype=torch.int64, device=device)
+    else:
+        lengths = _as_index_tensor("lengths", lengths, f"[B={batch}]", 1, batch, device)
+
+    plan = scope_storage_groups(n, lengths) if similarity_dtype is None else [(None, n, similarity_dtype)]
+    options = dict(force_global_state=bool(force_global_state), max_list=int(max_list))
     with torch.cuda.device(device):
-        # Launch on torch's current stream so the kernel is ordered with the surrounding torch ops.
-        stream = torch.cuda.current_stream(device).cuda_stream
-        module.coverage_max_sim(
-            tokens.data_ptr(),
-            DTYPE_CODES[tokens.dtype],
-            B,
-            N,
-            D,
-            tokens.stride(0),
-            tokens.stride(1),
-            indices.data_ptr(),
-            K,
-            lengths.data_ptr(),
-            out.data_ptr(),
-            stream,
-        )
+        for rows, width, storage in plan:
+            if rows is None:
+                _launch_scope(module, tokens[:, :width], saliency[:, :width], k_per_image, lengths, out, alpha, combine, storage, options)
+            else:
+                # the images of the other storage kind run on their own, padded to their own width
+                r = rows.to(device)
+                part = torch.empty(r.shape[0], k_max, dtype=torch.int64, device=device)
+                _launch_scope(module, tokens[r, :width], saliency[r, :width], k_per_image[r], lengths[r], part, alpha, combine, storage, options)
+                out[r] = part
+    return out
+
+
+def _launch_scope(
+    module: ModuleType,
+    tokens: Tensor,
+    saliency: Tensor,
+    k_per_image: Tensor,
+    lengths: Tensor,
+    out: Tensor,
+    alpha: float,
+    combine: str,
+    storage: torch.dtype,
+    options: dict,
+) -> None:
+    """One launch over ``tokens [B, N, D]`` with S stored as ``storage``; fills ``out [B, k_max]``."""
+    batch, n, _ = tokens.shape
+    device = tokens.device
+    sim = scope_similarity(tokens, storage)  # [B, N, N] contiguous
+    w = saliency_weights(saliency, alpha).to(device=device, dtype=torch.float32).contiguous()
+    # Allocated here with torch, not in the launcher, so the op can be captured in a CUDA graph.
+    workspace = torch.empty(module.scope_workspace_bytes(batch, n), dtype=torch.uint8, device=device)
+    _launch(
+        module.scope_greedy,
+        device,
+        sim.data_ptr(),
+        _SIM_CODES[sim.dtype],
+        w.data_ptr(),
+        lengths.data_ptr(),
+        k_per_image.data_ptr(),
+        batch,
+        n,
+        out.shape[1],
+        combine == "mul",
+        workspace.data_ptr(),
+        workspace.numel(),
+        out.data_ptr(),
+        **options,
+    )
+
+
+def scope_select(
+    tokens: Tensor,
+    saliency: Tensor,
+    k: int,
+    alpha: float = 1.0,
+    combine: str = "mul",
+    lengths: Tensor | None = None,
+    sorted: bool = True,
+    **options,
+) -> Tensor:
+    """SCOPE (SPEC §1) on ``[B, N, D]`` CUDA tokens: int64 ``[B, k]``, ascending or in pick order.
+
+    ``options`` are the test knobs of :func:`scope_picks`.
+    """
+    _check_tokens(tokens, 3, "[B, N, D]")
+    return select_batched(tokens, saliency, k, lengths, sorted, bind_scope_picks(scope_picks, alpha, combine, options))
+
+
+def scope_select_varlen(
+    tokens: Tensor,
+    saliency: Tensor,
+    cu_seqlens: Tensor,
+    k_per_seq: Tensor,
+    alpha: float = 1.0,
+    combine: str = "mul",
+    sorted: bool = True,
+    **options,
+) -> tuple[Tensor, Tensor]:
+    """SCOPE on packed CUDA sequences ``tokens [T, D]``, ``cu_seqlens [B+1]``, one ``k`` per sequence.
+
+    Packed and unpacked exactly as the Triton backend does (:func:`vtprune._varlen.select_packed`).
+    Returns ``(indices into T [sum k], cu_k [B+1])``, both int64. ``options`` are the test knobs of
+    :func:`scope_picks`.
+    """
+    _check_tokens(tokens, 2, "[T, D]")
+    return select_packed(tokens, saliency, cu_seqlens, k_per_seq, sorted, bind_scope_picks(scope_picks, alpha, combine, options))
+
+
+# ----------------------------------------------------------------------------- HoloV
+
+__all__ += ["holov_select", "crop_budgets", "crop_topk"]
+
+
+def _cuda_float_input(name: str, value: Tensor, ndim: int, shape_doc: str) -> None:
+    """Type, rank and device checks shared by the HoloV wrappers (the dtype is converted after)."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
+    if value.dim() != ndim:
+        raise ValueError(f"{name} must be {shape_doc}, got shape {list(value.shape)}")
+    if value.device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, {name} is on {value.device}")
+
+
+def holov_select(
+    tokens: Tensor,
+    attn: Tensor,
+    k: int,
+    num_crops: int | None = None,
+    alpha: float = 0.09,
+    rank_by: str = "attn",
+    lengths: Tensor | None = None,
+    sorted: bool = True,
+) -> Tensor:
+    """HoloV selection (SPEC §2) on the CUDA kernels: two launches for the whole batch.
+
+    Args:
+        tokens: ``[B, N, D]`` float32/float16/bfloat16 CUDA tensor (copied only if its last stride
+            is not 1). The Gram products run in this dtype (tensor cores for 16-bit), accumulated
+            in fp32.
+        attn: ``[B, N]`` float tensor, converted to float32 (the reference's compute dtype).
+        k: tokens to keep per image, ``1 <= k <= N``.
+        num_crops: crops per image, or ``None`` for SPEC §2's per-image default.
+        alpha: weight of the similarity-variance term.
+        rank_by: ``"attn"`` or ``"score"`` (rank inside a crop by ``h``).
+        lengths: optional ``[B]`` integer valid-token counts (clamped to ``[0, N]`` in the kernel).
+        sorted: ascending indices, or crops in order with descending key inside.
+
+    Returns:
+        int64 ``[B, k]`` on ``tokens.device``.
+
+    Raises:
+        RuntimeError: ``backend='cuda' is not available: <reason>``, or the CUDA error of a failed
+            launch. TypeError / ValueError: bad dtype, shape, device or sizes.
+    """
+    module = _require()
+    _cuda_float_input("tokens", tokens, 3, "[B, N, D]")
+    if tokens.dtype not in DTYPE_CODES:
+        raise TypeError(f"tokens must be float32, float16 or bfloat16, got {tokens.dtype}")
+    if tokens.stride(-1) != 1:
+        tokens = tokens.contiguous()
+    B, N, _ = tokens.shape
+    device = tokens.device
+    _cuda_float_input("attn", attn, 2, f"[B={B}, N={N}]")
+    if tuple(attn.shape) != (B, N):
+        raise ValueError(f"attn must have shape [B={B}, N={N}], got {list(attn.shape)}")
+    if rank_by not in ("attn", "score"):
+        raise ValueError(f"rank_by must be 'attn' or 'score', got {rank_by!r}")
+    a32 = attn.to(device=device, dtype=torch.float32).contiguous()
+    if lengths is not None:
+        lengths = _as_index_tensor("lengths", lengths, f"[B={B}]", 1, B, device)
+    k = int(k)
+    crops = 0 if num_crops is None else int(num_crops)
+    out = torch.empty((B, k), device=device, dtype=torch.int64)
+    if B == 0:
+        return out
+    workspace = torch.empty(module.holov_select_workspace_bytes(B, N, k, crops), dtype=torch.uint8, device=device)
+    _launch(
+        module.holov_select,
+        device,
+        *_token_args(tokens),
+        a32.data_ptr(),
+        0 if lengths is None else lengths.data_ptr(),
+        k,
+        crops,
+        float(alpha),
+        rank_by == "score",
+        bool(sorted),
+        workspace.data_ptr(),
+        workspace.numel(),
+        out.data_ptr(),
+    )
+    return out
+
+
+def crop_budgets(weights: Tensor, k: int, capacity: Tensor) -> Tensor:
+    """Per-crop budgets summing to ``k`` (SPEC §2 with the capacity rule) on the CUDA kernel.
+
+    Args:
+        weights: ``[B, C]`` float CUDA tensor, converted to float32.
+        k: the total budget, ``>= 1`` (and at most each row's capacity, checked by the caller).
+        capacity: ``[B, C]`` integer tensor, 0 = absent crop.
+
+    Returns:
+        int64 ``[B, C]`` on ``weights.device``.
+    """
+    module = _require()
+    _cuda_float_input("weights", weights, 2, "[B, C]")
+    B, C = weights.shape
+    device = weights.device
+    w32 = weights.to(torch.float32).contiguous()
+    cap = _as_index_tensor("capacity", capacity, f"[B={B}, C={C}]", 2, B, device)
+    if cap.shape[1] != C:
+        raise ValueError(f"capacity must have shape [B={B}, C={C}], got {list(capacity.shape)}")
+    out = torch.empty((B, C), device=device, dtype=torch.int64)
+    if B == 0 or C == 0:
+        return out
+    workspace = torch.empty(module.crop_budgets_workspace_bytes(B, C), dtype=torch.uint8, device=device)
+    _launch(
+        module.crop_budgets, device, w32.data_ptr(), cap.data_ptr(), B, C, int(k), workspace.data_ptr(), workspace.numel(), out.data_ptr()
+    )
+    return out
+
+
+def crop_topk(scores: Tensor, crop_sizes: Tensor, budgets: Tensor, k: int, sorted: bool = True) -> Tensor:
+    """Top ``budgets[b, c]`` tokens by ``scores`` inside each contiguous crop, on the CUDA kernel.
+
+    Args:
+        scores: ``[B, N]`` float CUDA tensor, converted to float32 (NaN ranks last).
+        crop_sizes: ``[B, C]`` integer crop sizes from token 0 (summing to at most ``N``).
+        budgets: ``[B, C]`` integer, ``0 <= budgets <= crop_sizes``, rows summing to ``k``.
+        k: picks per row.
+        sorted: ascending indices, or crops in order with descending score inside.
+
+    Returns:
+        int64 ``[B, k]`` on ``scores.device``.
+    """
+    module = _require()
+    _cuda_float_input("scores", scores, 2, "[B, N]")
+    B, N = scores.shape
+    device = scores.device
+    s32 = scores.to(torch.float32).contiguous()
+    sizes = _as_index_tensor("crop_sizes", crop_sizes, f"[B={B}, C]", 2, B, device)
+    q = _as_index_tensor("budgets", budgets, f"[B={B}, C]", 2, B, device)
+    if sizes.shape != q.shape:
+        raise ValueError(f"crop_sizes and budgets must have the same shape, got {list(sizes.shape)} and {list(q.shape)}")
+    C = sizes.shape[1]
+    k = int(k)
+    out = torch.empty((B, k), device=device, dtype=torch.int64)
+    if B == 0:
+        return out
+    workspace = torch.empty(module.crop_topk_workspace_bytes(B, C), dtype=torch.uint8, device=device)
+    _launch(
+        module.crop_topk,
+        device,
+        s32.data_ptr(),
+        B,
+        N,
+        sizes.data_ptr(),
+        q.data_ptr(),
+        C,
+        k,
+        bool(sorted),
+        workspace.data_ptr(),
+        workspace.numel(),
+        out.data_ptr(),
+    )
     return out

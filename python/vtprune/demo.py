@@ -8,8 +8,17 @@ CVPR 2007) averaged per patch. That keeps the demo free of model weights while g
 selection ops the same shapes and the same kind of signal they see in a multimodal LLM.
 
 :func:`run_demo` does the work and returns plain data; :func:`main` (``vtprune demo``) prints the
-table and writes the figure. Nothing here is imported by ``import vtprune``, and the heavy
-dependencies (Pillow, scikit-image, matplotlib) are imported only where they are needed.
+table and writes the figure (:func:`make_figure`): the saliency map, the kept-token map of every
+chosen method side by side, and one panel with the methods' θ-coverage curves.
+
+The curves plot θ-coverage against θ at the chosen budget (``--keep``): for each θ on
+:data:`THETA_GRID`, the share of all tokens whose cosine similarity to some kept token is at least
+θ (SPEC §1 ``theta_coverage``, SCOPE's Definition 1). θ is the one free parameter of that
+definition, so sweeping it shows the whole measure instead of the three thresholds of the table;
+a curve that stays high to larger θ means fewer tokens are left without a close kept stand-in.
+
+Nothing here is imported by ``import vtprune``, and the heavy dependencies (Pillow, scikit-image,
+matplotlib) are imported only where they are needed.
 """
 
 from __future__ import annotations
@@ -32,6 +41,8 @@ PATCH = 14
 GRID = IMAGE_SIZE // PATCH  # 24
 NUM_TOKENS = GRID * GRID  # 576
 THETAS = (0.5, 0.7, 0.9)
+#: θ values of the coverage curves: 0 to 1 in steps of 0.025 (the table's THETAS are on it).
+THETA_GRID = tuple(i / 40 for i in range(41))
 METHODS = ("scope", "holov", "topk")
 LABELS = {"scope": "SCOPE", "holov": "HoloV", "topk": "saliency top-k"}
 _OPS = {"scope": "scope_select", "holov": "holov_select"}
@@ -232,6 +243,7 @@ class MethodResult:
     backend: str  # what computed ``indices``: the backend "auto" picks ("reference" if auto cannot run the op)
     theta_coverage: dict[float, float]
     facility_location: float
+    theta_curve: list[float] = field(default_factory=list)  # θ-coverage at each θ of THETA_GRID
     timings_ms: dict[str, float] = field(default_factory=dict)  # backend -> median ms
     agrees: dict[str, bool] = field(default_factory=dict)  # backend -> same picks as the main one
     skipped: dict[str, str] = field(default_factory=dict)  # backend -> why it was not timed
@@ -308,9 +320,23 @@ def _select(method: str, tokens: Tensor, saliency: Tensor, keep: int, backend: s
     return order.sort().values
 
 
+def _theta_curve(tokens: Tensor, idx: Tensor, backend: str) -> list[float]:
+    """θ-coverage at every θ of :data:`THETA_GRID`, from one ``coverage_max_sim`` call.
+
+    The same op and comparison (``max_sim >= θ``) as :func:`vtprune.theta_coverage`, which would
+    recompute the similarities once per θ.
+    """
+    lengths = torch.tensor([tokens.shape[0]], dtype=torch.int64, device=tokens.device)
+    best = torch.ops.vtprune.coverage_max_sim(tokens[None], idx[None], lengths, backend)[0]
+    grid = torch.tensor(THETA_GRID, dtype=best.dtype, device=best.device)
+    hits = (best[None, :] >= grid[:, None]).sum(dim=1).to(best.dtype)  # in theta_coverage's dtype
+    return (hits / tokens.shape[0]).tolist()
+
+
 def _check_methods(methods: Sequence[str] | str) -> list[str]:
+    """``"all"``, one method, a comma-separated list or a sequence -> distinct methods, in order."""
     if isinstance(methods, str):
-        methods = list(METHODS) if methods == "all" else [methods]
+        methods = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",")]
     out = []
     for m in methods:
         if m not in METHODS:
@@ -342,7 +368,8 @@ def run_demo(
     Args:
         image: ``None`` (scikit-image's astronaut), a path, a PIL image or an ``HxWx3`` array.
         keep: tokens to keep, ``1 <= keep <= 576``.
-        methods: any of ``"scope"``, ``"holov"``, ``"topk"``, or ``"all"``.
+        methods: any of ``"scope"``, ``"holov"``, ``"topk"`` (a sequence, or a comma-separated
+            string), or ``"all"``.
         repeat: timed runs per backend (the median is reported); one warm-up run comes first.
         time_backends: time every usable backend implementing the op (and, for SCOPE, the
             official-style :func:`vtprune.reference.reference_loop`); otherwise run only the
@@ -375,8 +402,11 @@ def run_demo(
         cov = {
             th: float(vtprune.theta_coverage(tokens, idx, th, backend=metric_backend)) for th in THETAS
         }
+        curve = _theta_curve(tokens, idx, metric_backend)
         fl = float(vtprune.facility_location(tokens, idx, backend=metric_backend))
-        res = MethodResult(indices=idx.cpu(), backend=chosen, theta_coverage=cov, facility_location=fl)
+        res = MethodResult(
+            indices=idx.cpu(), backend=chosen, theta_coverage=cov, facility_location=fl, theta_curve=curve
+        )
         if time_backends:
             if op is None:
                 res.timings_ms["torch.sort"] = _median_ms(lambda: _select(method, tokens, saliency, keep, ""), dev, repeat)
@@ -458,15 +488,24 @@ def header(result: DemoResult) -> str:
     )
 
 
-def save_figure(result: DemoResult, out: str | os.PathLike) -> Path:
-    """PNG: the photo with its saliency, then one panel per method with pruned patches dimmed."""
-    matplotlib = _need("matplotlib", "writing the figure")
+#: Line colours of the methods in the curve panel, repeated on the titles of their map panels.
+COLORS = {"scope": "#d62728", "holov": "#1f77b4", "topk": "#7f7f7f"}
+
+
+def make_figure(result: DemoResult):
+    """The demo figure as a matplotlib ``Figure`` (Agg canvas, no pyplot state).
+
+    One row of square panels: the photo with its patch saliency, then the kept-token map of each
+    method in ``result.methods`` (pruned patches dimmed), then the θ-coverage curves of all of them
+    in one panel. ``fig.axes`` holds them in that order: ``len(result.methods) + 2`` axes.
+    """
+    _need("matplotlib", "writing the figure")
     import matplotlib.patches
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     photo = result.image.permute(1, 2, 0).clamp(0, 1)
-    panels = len(result.methods) + 1
+    panels = len(result.methods) + 2
     fig = Figure(figsize=(3.6 * panels, 4.15), dpi=110)
     FigureCanvasAgg(fig)  # the Agg canvas directly: no pyplot, no global backend switch
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -475,6 +514,7 @@ def save_figure(result: DemoResult, out: str | os.PathLike) -> Path:
     sal = sal.repeat_interleave(PATCH, 0).repeat_interleave(PATCH, 1)
     axes[0].imshow((photo * (0.12 + 0.88 * sal[..., None])).numpy())
     axes[0].set_title(f"patch saliency (spectral residual)\nbrighter = more salient, {GRID}x{GRID} tokens", fontsize=10)
+    axes[0].set_axis_off()
     for ax, (method, res) in zip(axes[1:], result.methods.items()):
         mask = torch.zeros(NUM_TOKENS, dtype=torch.bool)
         mask[res.indices] = True
@@ -494,10 +534,31 @@ def save_figure(result: DemoResult, out: str | os.PathLike) -> Path:
             f"{LABELS[method]}: keep {result.keep}/{NUM_TOKENS}\n"
             f"θ-cov@{'/'.join(str(t) for t in THETAS)}: {cov}",
             fontsize=10,
+            color=COLORS[method],
         )
-    for ax in axes:
         ax.set_axis_off()
+    curves = axes[-1]
+    for method, res in result.methods.items():
+        curves.plot(THETA_GRID, res.theta_curve, color=COLORS[method], lw=1.8, label=LABELS[method])
+        curves.plot(THETAS, [res.theta_coverage[th] for th in THETAS], "o", color=COLORS[method], ms=3.5)
+    for th in THETAS:  # the table's thresholds
+        curves.axvline(th, color="0.85", lw=0.8, zorder=0)
+    curves.set_xlim(0.0, 1.0)
+    curves.set_ylim(0.0, 1.02)
+    curves.set_box_aspect(1)
+    curves.grid(alpha=0.3, lw=0.5)
+    curves.set_xlabel("θ (cosine similarity threshold)", fontsize=9)
+    curves.set_ylabel("θ-coverage (share of tokens with a kept token at sim ≥ θ)", fontsize=8)
+    curves.tick_params(labelsize=8)
+    curves.set_title(f"θ-coverage vs θ, keep {result.keep}/{NUM_TOKENS}\n(dots: the table's θ)", fontsize=10)
+    curves.legend(loc="lower left", fontsize=8, frameon=False)
     fig.tight_layout()
+    return fig
+
+
+def save_figure(result: DemoResult, out: str | os.PathLike) -> Path:
+    """Write :func:`make_figure` as a PNG at ``out`` (parent folders are created)."""
+    fig = make_figure(result)
     out = Path(out)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,71 @@ def reference_loop(tokens: Tensor, saliency: Tensor, k: int, alpha: float = 1.0)
     return picks[0] if unbatched else picks
 
 
+def holov_reference_loop(tokens: Tensor, attn: Tensor, num_crops: int, k: int, alpha: float = 0.09) -> Tensor:
+    """HoloV as the official code runs it: Python loops over images and crops, one crop at a time.
+
+    This is the baseline the HoloV benchmark reports its ratios against. It follows ``HoloV()``
+    of obananas/HoloV (``llava/model/utils.py``) step by step: per image, contiguous crops
+    (``N // C`` tokens, the first ``N % C`` one larger); per crop a normalization, an ``M x M``
+    matmul, an eye mask, mean and variance of the similarities and the attention scaling;
+    budgets ``floor(w * k)`` with the leftover given by a ``topk`` of the weights, one index at
+    a time with host reads; then a ``topk`` by attention inside each crop.
+
+    Where it differs from the official function (none of it changes the per-crop work):
+    it returns indices (crops in order, descending attention inside a crop) instead of
+    gathering the tokens; it computes in float32 (float64 stays) where the official code runs
+    in the model's dtype, so that its picks can be compared exactly with SPEC §2; a crop whose
+    budget reaches its size is listed whole in raster order and the output is cut to ``k``,
+    as the official code does, and where the official code would pad with zero vectors the
+    index is -1. While every budget is below its crop's size (the benchmark shapes), it picks
+    what ``holov_select(..., sorted=False)`` picks, up to ties.
+    """
+    unbatched = tokens.dim() == 2
+    if unbatched:
+        tokens, attn = tokens[None], attn[None]
+    dt = compute_dtype(tokens.dtype)
+    tokens, attn = tokens.to(dt), attn.to(dt)
+    batch, n = tokens.shape[:2]
+    eps = 1e-6
+    out = torch.full((batch, k), -1, dtype=torch.int64, device=tokens.device)
+    for b in range(batch):
+        sizes = crop_sizes_for(n, num_crops)
+        starts = [sum(sizes[:c]) for c in range(len(sizes))]
+        crop_scores = []
+        for start, m in zip(starts, sizes):
+            a = attn[b, start : start + m]
+            if m <= 1:
+                crop_scores.append(a.mean())
+                continue
+            x = tokens[b, start : start + m]
+            f = x / (x.norm(dim=1, keepdim=True) + eps)
+            s = (f @ f.T) * (1 - torch.eye(m, dtype=dt, device=tokens.device))
+            mean = s.sum(dim=1) / (m - 1)
+            var = ((s - mean[:, None]) ** 2).sum(dim=1) / (m - 1)
+            scaled = 1e3 * a
+            gamma = scaled.abs().mean() / (var.abs().mean() + eps)
+            crop_scores.append((scaled + alpha * gamma * var).mean())
+        scores = torch.stack(crop_scores)
+        weights = scores / (scores.sum() + eps)
+        budgets = (weights * k).floor().long()
+        leftover = int(k - budgets.sum().item())
+        if leftover > 0:
+            for c in torch.topk(weights, min(leftover, len(sizes))).indices[:leftover]:
+                budgets[c] += 1
+        picks = []
+        for c, (start, m) in enumerate(zip(starts, sizes)):
+            q = int(budgets[c].item())
+            if q <= 0:
+                continue
+            if q >= m:
+                picks.append(torch.arange(start, start + m, device=tokens.device))
+            else:
+                picks.append(torch.topk(attn[b, start : start + m], q).indices + start)
+        chosen = torch.cat(picks)[:k] if picks else out.new_empty(0)
+        out[b, : chosen.numel()] = chosen
+    return out[0] if unbatched else out
+
+
 # ----------------------------------------------------------------------------- HoloV
 
 

@@ -78,3 +78,27 @@ def scope_similarity(tokens: Tensor, storage: torch.dtype | None = None, row_chu
         stop = min(start + row_chunk, n)
         out[:, start:stop] = torch.bmm(xn[:, start:stop], xn.transpose(1, 2))
     return out
+
+
+def scope_storage_groups(n: int, lengths: Tensor | None) -> list[tuple[Tensor | None, int, torch.dtype]]:
+    """Split a padded batch of width ``n`` so that every image gets the storage of its own length.
+
+    The rule of :func:`scope_similarity_dtype` is applied to each image's own token count
+    (``lengths[b]`` clamped to ``[1, n]``, or ``n``), never to the padded width, so a short image
+    padded next to a long one keeps its float32 picks. Returns ``(rows, width, storage)`` triples:
+    run the images ``rows`` (an int64 CPU index, ``None`` for the whole batch) on their first
+    ``width`` positions with ``storage``. Up to :data:`SCOPE_FP32_MAX_N` positions that is one
+    triple and nothing is read from the device; above it ``lengths`` is read on the host (one
+    sync, negligible next to the work on an image that large).
+    """
+    if n <= SCOPE_FP32_MAX_N or lengths is None:
+        return [(None, n, scope_similarity_dtype(n))]
+    lens = lengths.clamp(1, n).tolist()
+    small = [b for b, length in enumerate(lens) if length <= SCOPE_FP32_MAX_N]
+    large = [b for b, length in enumerate(lens) if length > SCOPE_FP32_MAX_N]
+    groups = []
+    for rows, storage in ((small, torch.float32), (large, torch.float16)):
+        if rows:
+            index = None if len(rows) == len(lens) else torch.tensor(rows, dtype=torch.int64)
+            groups.append((index, max(lens[b] for b in rows), storage))
+    return groups

@@ -9,14 +9,41 @@
 
 No Python loop runs over images or crops, and nothing syncs with the host except a few
 shape decisions (crop counts, the largest crop) taken once per call.
+
+On the CPU, :func:`holov_select` hands float32/float16/bfloat16 tokens to the C++ engine of
+``vtprune._cpu`` (``csrc/cpu/holov_cpu.cpp``) when it is built: the same selection in one call,
+with each crop's Gram computed on one triangle only and none of the small tensor ops whose
+fixed costs dominate on the CPU. ``VTPRUNE_HOLOV_CPU_ENGINE`` chooses (see :data:`_ENGINE`).
 """
 
 from __future__ import annotations
+
+import ctypes
+import os
+import re
+import sys
 
 import torch
 from torch import Tensor
 
 from ..similarity import HOLOV_EPS, compute_dtype
+from . import scope as _scope
+
+# The CPU engine: "auto" = the C++ engine of vtprune._cpu when it is built, else the torch code
+# below; "torch" = always the torch code; "cpp" = always the C++ engine (an error if it is not
+# built). Either way only CPU tokens of float32, float16 or bfloat16 (converted to float32 first,
+# as the reference does) reach the C++ engine: float64 and other devices take the torch code.
+# Tests switch it per case.
+_ENGINE = os.environ.get("VTPRUNE_HOLOV_CPU_ENGINE", "auto").strip().lower() or "auto"
+_ENGINES = ("auto", "torch", "cpp")
+_CPP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Gram kernel of the C++ engine: "auto" (the best this CPU runs) or one of holov_isas(); tests
+# set it to reach every kernel.
+_ISA = "auto"
+# Whether the C++ engine runs its threads as a team of the OpenMP runtime torch's CPU ops use
+# (found once, see _torch_omp_parallel) rather than as threads of its own; tests switch it.
+_USE_TORCH_OMP = True
+_omp_parallel_address: int | None = None
 
 _NEG_INF = float("-inf")
 
@@ -234,10 +261,14 @@ def holov_select(
 ) -> Tensor:
     """HoloV (SPEC §2) on ``[B, N, D]`` tokens; returns ``[B, k]`` int64.
 
-    All crops of all images are scored by one batched matmul. Crops of equal size are read in
-    place (a view of the tokens); otherwise the tokens are gathered into a padded
+    On the CPU the C++ engine runs it when :data:`_ENGINE` allows (see :func:`cpu_engine_status`).
+    Otherwise all crops of all images are scored by one batched matmul. Crops of equal size are
+    read in place (a view of the tokens); otherwise the tokens are gathered into a padded
     ``[B, C_max, M_max, D]`` layout first.
     """
+    picks = _cpp_holov_select(tokens, attn, k, num_crops, alpha, rank_by, lengths, sorted)
+    if picks is not None:
+        return picks
     batch, n, dim = tokens.shape
     device = tokens.device
     dt = compute_dtype(tokens.dtype)
@@ -281,3 +312,136 @@ def holov_select(
     budgets = crop_budgets(w, k, sizes)
     key = _rank_key(h_flat if rank_by == "score" else a32)
     return _segment_topk(key, crop_id, starts, budgets, k, sorted)
+
+
+# ----------------------------------------------------------------------------- CPU, C++
+
+
+def cpu_engine_status() -> tuple[bool, str]:
+    """Whether the C++ HoloV engine (``holov_select_f32`` of ``vtprune._cpu``) is available:
+    ``(built, reason)``."""
+    built, reason = _scope.cpu_engine_status()
+    if not built:
+        return False, reason
+    if not hasattr(_scope._cpu_module, "holov_select_f32"):
+        return False, "vtprune._cpu was built without the HoloV engine (rebuild it: pip install -e .)"
+    return True, "ok"
+
+
+def _cpp_engine_for(tokens: Tensor):
+    """The ``vtprune._cpu`` module when the C++ engine is to run on ``tokens``, else None."""
+    if _ENGINE not in _ENGINES:
+        raise ValueError(f"VTPRUNE_HOLOV_CPU_ENGINE must be one of {_ENGINES}, got {_ENGINE!r}")
+    if _ENGINE == "torch" or tokens.device.type != "cpu" or tokens.dtype not in _CPP_DTYPES:
+        return None
+    built, reason = cpu_engine_status()
+    if not built:
+        if _ENGINE == "cpp":
+            raise RuntimeError(f"HoloV CPU engine 'cpp' unavailable: {reason}")
+        return None
+    return _scope._cpu_module
+
+
+def _find_omp_parallel() -> int:
+    """Address of ``GOMP_parallel`` in the OpenMP runtime torch runs its CPU ops on, or 0.
+
+    Only a runtime already loaded in this process is looked at (``RTLD_NOLOAD``), the one in
+    torch's own directory first; LLVM's and Intel's runtimes export ``GOMP_parallel`` too.
+    """
+    if not sys.platform.startswith("linux") or "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return 0
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/" in line}
+    except OSError:
+        return 0
+    libs = sorted(p for p in paths if re.match(r"lib(gomp|iomp5|omp)([-.]|$)", os.path.basename(p)))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    libs.sort(key=lambda p: not p.startswith(torch_dir))  # stable: torch's own first
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            return ctypes.cast(lib.GOMP_parallel, ctypes.c_void_p).value or 0
+        except (OSError, AttributeError):
+            continue
+    return 0
+
+
+def _torch_omp_parallel() -> int:
+    """``GOMP_parallel`` of torch's OpenMP runtime for the C++ engine, or 0 for its own threads.
+
+    Why: right after a torch op, torch's OpenMP workers keep spinning for a few milliseconds,
+    waiting for more work. Threads of the engine's own would then share the cores with them
+    (measured on 2 cores: the engine ran 1.7x slower right after the official-style loop);
+    as a team of the same runtime, the spinning workers take the engine's work instead.
+    """
+    global _omp_parallel_address
+    if not _USE_TORCH_OMP:
+        return 0
+    if _omp_parallel_address is None:
+        _omp_parallel_address = _find_omp_parallel()
+    return _omp_parallel_address
+
+
+def _cpp_args(tokens: Tensor, attn: Tensor, lengths: Tensor | None) -> tuple[list, list[Tensor]]:
+    """Leading arguments of the ``vtprune._cpu`` HoloV functions, and the tensors that must
+    outlive the call (the engine reads their memory)."""
+    x = tokens.to(torch.float32).contiguous()
+    a = attn.to(torch.float32).contiguous()
+    lens = None if lengths is None else lengths.to(device="cpu", dtype=torch.int64).contiguous()
+    batch, n, dim = x.shape
+    args = [x.data_ptr(), a.data_ptr(), 0 if lens is None else lens.data_ptr(), batch, n, dim]
+    return args, [t for t in (x, a, lens) if t is not None]
+
+
+def _cpp_holov_select(
+    tokens: Tensor,
+    attn: Tensor,
+    k: int,
+    num_crops: int | None,
+    alpha: float,
+    rank_by: str,
+    lengths: Tensor | None,
+    sorted: bool,
+) -> Tensor | None:
+    """:func:`holov_select` by the C++ engine, or None when that engine is not to run here."""
+    cpu = _cpp_engine_for(tokens)
+    if cpu is None:
+        return None
+    args, keep = _cpp_args(tokens, attn, lengths)
+    out = torch.empty(tokens.shape[0], k, dtype=torch.int64)
+    cpu.holov_select_f32(
+        *args, k, num_crops or 0, float(alpha), rank_by == "score", bool(sorted), out.data_ptr(),
+        torch.get_num_threads(), _ISA, _torch_omp_parallel(),
+    )
+    del keep
+    return out
+
+
+def cpp_crop_stats(
+    tokens: Tensor,
+    attn: Tensor,
+    k: int,
+    num_crops: int | None,
+    alpha: float,
+    lengths: Tensor | None = None,
+    isa: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The C++ engine's crop scores ``[B, N]`` (crop ``c`` at column ``c``, 0 past the image's
+    crops) and token scores ``h [B, N]`` (0 past ``lengths``), float32; for tests and diagnosis.
+
+    Raises ``RuntimeError`` when the engine is not built.
+    """
+    built, reason = cpu_engine_status()
+    if not built:
+        raise RuntimeError(f"HoloV CPU engine unavailable: {reason}")
+    args, keep = _cpp_args(tokens, attn, lengths)
+    batch, n = tokens.shape[:2]
+    score = torch.empty(batch, n, dtype=torch.float32)
+    h = torch.empty(batch, n, dtype=torch.float32)
+    _scope._cpu_module.holov_crop_stats_f32(
+        *args, k, num_crops or 0, float(alpha), score.data_ptr(), n, h.data_ptr(), torch.get_num_threads(), isa,
+        _torch_omp_parallel(),
+    )
+    del keep
+    return score, h

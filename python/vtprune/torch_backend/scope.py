@@ -21,6 +21,19 @@ Two loops:
   host sync per step, so the gains are recomputed densely as in the reference, with no host
   sync at all; one ``N x N`` pass per step is cheap on a GPU.
 
+Storage of ``S`` (docs/semantics.md, the same rule as the Triton kernel): images of up to
+``SCOPE_FP32_MAX_N = 4096`` tokens use float32 ``S``, exactly as before; larger ones select on
+``S`` rounded once to float16 (each image by its own length, so padding next to a longer image
+changes nothing). float64 inputs keep a float64 ``S`` at any size.
+
+* dense loop: the float16 ``S`` is stored as such (``2 * B * N**2`` bytes, 512 MiB at
+  N = 16384) and upcast one block of rows at a time (``_DENSE_BLOCK_ELEMS``), so no ``N x N``
+  fp32 temporary exists; a batch mixing both storages runs as two groups.
+* CPU loops: both engines read float32 rows (the C++ engine takes float/double pointers,
+  NumPy's float16 arithmetic is emulated and slow), so the rounded values are held in the
+  float32 ``S``: ``4 * B * N**2`` bytes on the CPU (1 GiB at N = 16384), the picks the same as
+  the dense loop's up to fp32 near-ties.
+
 Ties: scores within a few ulps of the best (a band far below real score gaps but above the
 rounding noise of an ``N``-term sum) count as tied and go to the lowest index (SPEC §1), so
 duplicate tokens, symmetric pairs and constant saliency pick the same tokens whichever way
@@ -38,7 +51,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..similarity import normalize_rows, saliency_weights
+from .._varlen import select_packed
+from ..similarity import compute_dtype, normalize_rows, saliency_weights, scope_similarity, scope_storage_groups
 
 _NEG_INF = float("-inf")
 # Scores are >= 0 or NaN (gain >= 0 and w >= 0); a NaN score must lose to every number but
@@ -62,6 +76,9 @@ _CHUNK_ELEMS = 1 << 20
 # "cpp" = always vtprune._cpu (an error if it is not built). Tests switch it per case.
 _ENGINE = os.environ.get("VTPRUNE_SCOPE_CPU_ENGINE", "auto").strip().lower() or "auto"
 _CPP_FUNCS = {torch.float32: "scope_greedy_f32", torch.float64: "scope_greedy_f64"}
+# fp32 elements per row block when the dense loop upcasts a float16 S (64 MiB), so that it
+# never holds an N x N fp32 temporary.
+_DENSE_BLOCK_ELEMS = 1 << 24
 
 
 def _symmetric_similarity(x: Tensor) -> Tensor:
@@ -97,19 +114,41 @@ def _tie_threshold(best: Tensor, tau: float) -> Tensor:
 # ----------------------------------------------------------------------------- any device
 
 
+def _dense_gains(s: Tensor, cover: Tensor) -> Tensor:
+    """``gain(v) = sum_u max(0, S[u, v] - c(u))`` for ``S [B, N, N]`` and coverage ``c [B, N]``.
+
+    A float16 ``S`` is upcast to the coverage's dtype one block of rows at a time, so the extra
+    memory is one ``_DENSE_BLOCK_ELEMS`` block, not an ``N x N`` fp32 matrix.
+    """
+    if s.dtype == cover.dtype:
+        return (s - cover[:, :, None]).clamp_min(0).sum(dim=1)
+    batch, n, _ = s.shape
+    rows = max(1, _DENSE_BLOCK_ELEMS // max(batch * n, 1))
+    gain = torch.zeros(batch, n, dtype=cover.dtype, device=s.device)
+    for u0 in range(0, n, rows):
+        blk = s[:, u0 : u0 + rows].to(cover.dtype)
+        blk.sub_(cover[:, u0 : u0 + rows, None]).clamp_min_(0)  # NaN stays NaN, as in the reference
+        gain += blk.sum(dim=1)
+    return gain
+
+
 def _greedy_dense(s: Tensor, w: Tensor, valid: Tensor | None, k: int, mul: bool, tau: float) -> Tensor:
-    """The reference's loop, batched and without host syncs: picks ``[B, k]`` in pick order."""
+    """The reference's loop, batched and without host syncs: picks ``[B, k]`` in pick order.
+
+    ``S`` may be stored in float16; coverage, gains and scores are then float32.
+    """
     batch, n, _ = s.shape
     device = s.device
+    dtype = torch.promote_types(s.dtype, torch.float32)
     rows = torch.arange(batch, device=device)
-    cover = torch.zeros(batch, n, dtype=s.dtype, device=device)
+    cover = torch.zeros(batch, n, dtype=dtype, device=device)
     excluded = torch.zeros(batch, n, dtype=torch.bool, device=device) if valid is None else ~valid
     picks = torch.empty(batch, k, dtype=torch.int64, device=device)
-    neg_inf = torch.tensor(_NEG_INF, dtype=s.dtype, device=device)
-    nan_score = torch.tensor(_NAN_SCORE, dtype=s.dtype, device=device)
+    neg_inf = torch.tensor(_NEG_INF, dtype=dtype, device=device)
+    nan_score = torch.tensor(_NAN_SCORE, dtype=dtype, device=device)
     for i in range(k):
         # padded rows of S are 0 and their coverage stays 0, so they add nothing
-        gain = (s - cover[:, :, None]).clamp_min(0).sum(dim=1)
+        gain = _dense_gains(s, cover)
         score = gain * w if mul else gain + w
         score = torch.where(torch.isnan(score), nan_score, score)
         score = torch.where(excluded, neg_inf, score)
@@ -117,7 +156,7 @@ def _greedy_dense(s: Tensor, w: Tensor, valid: Tensor | None, k: int, mul: bool,
         t = (score >= thr).to(torch.uint8).argmax(dim=1)  # first index in the tie band
         picks[:, i] = t
         excluded[rows, t] = True
-        cover = torch.maximum(cover, s[rows, :, t])
+        cover = torch.maximum(cover, s[rows, :, t].to(dtype))
     return picks
 
 
@@ -355,6 +394,53 @@ def _cpp_greedy(s: Tensor, w: Tensor, lengths: Tensor | None, k: int, mul: bool,
 # ----------------------------------------------------------------------------- ops
 
 
+def _masked_rows(tokens: Tensor, valid: Tensor | None) -> Tensor:
+    """Normalized rows, padded rows set to 0 (they may hold anything, NaN included), so that they
+    have zero similarity and zero coverage and count in no gain."""
+    x = normalize_rows(tokens)
+    if valid is None:
+        return x
+    return torch.where(valid[:, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _round_to_half_(s: Tensor, lengths: Tensor | None, storage: torch.dtype | None) -> None:
+    """Round in place, through float16, the similarity of every image whose storage is float16.
+
+    The CPU engines read float32 rows, so the rounded values stay in the float32 buffer; a
+    symmetric ``S`` stays symmetric. ``storage`` forces one storage for all images (tests).
+    """
+    batch, n, _ = s.shape
+    if storage is None:
+        plan = scope_storage_groups(n, lengths)
+    else:
+        plan = [(None, n, storage)]
+    images: list[int] = []
+    for rows, _, dtype in plan:
+        if dtype == torch.float16:
+            images += list(range(batch)) if rows is None else rows.tolist()
+    step = max(1, _CHUNK_ELEMS // max(n, 1))
+    for b in images:
+        for r0 in range(0, n, step):
+            blk = s[b, r0 : r0 + step]
+            blk.copy_(blk.to(torch.float16))
+
+
+def _dense_picks(
+    tokens: Tensor, w: Tensor, lengths: Tensor | None, k: int, mul: bool, tau: float, storage: torch.dtype
+) -> Tensor:
+    """The dense loop on one storage group (``tokens [B, N, D]`` all stored as ``storage``)."""
+    n = tokens.shape[1]
+    valid = None if lengths is None else torch.arange(n, device=tokens.device)[None, :] < lengths[:, None]
+    if storage == torch.float16:
+        # zeroed padded tokens normalize to zero rows, as _masked_rows makes them
+        zero = torch.zeros((), dtype=tokens.dtype, device=tokens.device)
+        x = tokens if valid is None else torch.where(valid[:, :, None], tokens, zero)
+        s = scope_similarity(x, torch.float16)
+    else:
+        s = _symmetric_similarity(_masked_rows(tokens, valid))
+    return _greedy_dense(s, w, valid, k, mul, tau)
+
+
 def scope_picks(
     tokens: Tensor,
     saliency: Tensor,
@@ -363,6 +449,7 @@ def scope_picks(
     combine: str,
     lengths: Tensor | None,
     dense: bool | None = None,
+    similarity_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """SCOPE greedy picks ``[B, k]`` int64 in pick order (the engine behind both public forms).
 
@@ -370,25 +457,44 @@ def scope_picks(
     unselected token left its further picks are meaningless but harmless, and callers drop
     them. ``dense`` chooses the loop: ``None`` by device (incremental on the CPU, sync-free
     dense elsewhere), ``True`` the dense loop anywhere (how the tests reach it without a GPU).
+
+    Storage of the similarity (docs/semantics.md): float32 for images of up to
+    ``SCOPE_FP32_MAX_N`` tokens, rounded once to float16 above, decided per image by its own
+    length; ``similarity_dtype`` (``torch.float32``/``torch.float16``) forces one storage for
+    every image (tests). float64 inputs always keep a float64 similarity.
     """
+    if similarity_dtype not in (None, torch.float32, torch.float16):
+        raise ValueError(f"similarity_dtype must be None, torch.float32 or torch.float16, got {similarity_dtype}")
     batch, n, _ = tokens.shape
     device = tokens.device
     if batch == 0 or k == 0:
         return torch.empty(batch, k, dtype=torch.int64, device=device)
-    valid = None if lengths is None else torch.arange(n, device=device)[None, :] < lengths[:, None]
-    x = normalize_rows(tokens)
-    if valid is not None:
-        # padded rows may hold anything (NaN included): zero them, so that they have zero
-        # similarity and zero coverage and count in no gain
-        x = torch.where(valid[:, :, None], x, torch.zeros((), dtype=x.dtype, device=device))
-    s = _symmetric_similarity(x)
     w = saliency_weights(saliency, alpha)
     mul = combine == "mul"
-    tau = _TIE_EPS * torch.finfo(s.dtype).eps
+    exact = compute_dtype(tokens.dtype) == torch.float64
+    tau = _TIE_EPS * torch.finfo(compute_dtype(tokens.dtype)).eps
     if dense is None:
         dense = device.type != "cpu"
     if dense:
-        return _greedy_dense(s, w, valid, k, mul, tau)
+        if exact:
+            plan = [(None, n, torch.float64)]
+        elif similarity_dtype is not None:
+            plan = [(None, n, similarity_dtype)]
+        else:
+            plan = scope_storage_groups(n, lengths)
+        if len(plan) == 1 and plan[0][0] is None and plan[0][1] == n:
+            return _dense_picks(tokens, w, lengths, k, mul, tau, plan[0][2])
+        out = torch.empty(batch, k, dtype=torch.int64, device=device)
+        for rows, width, storage in plan:
+            # each storage group runs alone, padded only to its own longest image
+            r = slice(None) if rows is None else rows.to(device)
+            sub_lengths = None if lengths is None else lengths[r]
+            out[r] = _dense_picks(tokens[r, :width], w[r, :width], sub_lengths, k, mul, tau, storage)
+        return out
+    valid = None if lengths is None else torch.arange(n, device=device)[None, :] < lengths[:, None]
+    s = _symmetric_similarity(_masked_rows(tokens, valid))
+    if not exact:
+        _round_to_half_(s, lengths, similarity_dtype)
     picks = _cpp_greedy(s, w, lengths, k, mul, tau)
     if picks is not None:
         return picks
@@ -420,31 +526,14 @@ def scope_select_varlen(
 ) -> tuple[Tensor, Tensor]:
     """SCOPE on packed sequences ``tokens [T, D]`` with ``cu_seqlens [B+1]`` and one ``k`` per sequence.
 
-    The sequences are padded into one ``[B, max_len, D]`` batch and run through the batched
-    engine with ``k = max(k_per_seq)``; by the greedy prefix property the first ``k_b`` picks
-    of sequence ``b`` are its ``k_b``-selection. Returns ``(indices into T, cu_k [B+1])``, int64.
+    Packed and unpacked as the GPU backends do (:func:`vtprune._varlen.select_packed`): the
+    batched engine runs with ``k = max(k_per_seq)`` and, by the greedy prefix property, the first
+    ``k_b`` picks of sequence ``b`` are its ``k_b``-selection. Padded slots copy a real token's
+    saliency; that is harmless because a weight only enters the score of its own token, and
+    padded tokens are never candidates. Returns ``(indices into T, cu_k [B+1])``, int64.
     """
-    device = tokens.device
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    ks = k_per_seq.to(device=device, dtype=torch.int64)
-    batch = ks.shape[0]
-    cu_k = torch.zeros(batch + 1, dtype=torch.int64, device=device)
-    cu_k[1:] = ks.cumsum(0)
-    lengths = cu[1:] - cu[:-1]
-    # the padded shape must be known on the host: two small syncs, outside any loop
-    max_len = int(lengths.max()) if batch else 0
-    k_max = int(ks.max()) if batch else 0
-    if max_len == 0 or k_max == 0:
-        return torch.empty(0, dtype=torch.int64, device=device), cu_k
-    pos = torch.arange(max_len, device=device)
-    valid = pos[None, :] < lengths[:, None]
-    src = (cu[:-1, None] + pos[None, :]).clamp_max(tokens.shape[0] - 1)
-    x = tokens[src]  # [B, max_len, D]; padded slots read some real token, masked by lengths
-    sal = torch.where(valid, saliency[src], torch.zeros((), dtype=saliency.dtype, device=device))
-    picks = scope_picks(x, sal, k_max, alpha, combine, lengths.clamp_min(1))
-    keep = torch.arange(k_max, device=device)[None, :] < ks[:, None]
-    if sorted:
-        # dropped picks sort past every kept one
-        picks = torch.where(keep, picks, torch.full_like(picks, max_len)).sort(dim=1).values
-    indices = (picks + cu[:-1, None])[keep]
-    return indices, cu_k
+
+    def padded_picks(x: Tensor, sal: Tensor, ks: Tensor, k_max: int, lengths: Tensor) -> Tensor:
+        return scope_picks(x, sal, k_max, alpha, combine, lengths.clamp_min(1))
+
+    return select_packed(tokens, saliency, cu_seqlens, k_per_seq, sorted, padded_picks)

@@ -1,0 +1,533 @@
+// SCOPE saliency-coverage greedy selection (SPEC §1): all k greedy steps of every image in one
+// persistent launch. Same contract and arithmetic as the Triton kernel (triton_kernels/scope.py).
+//
+// Input is the precomputed similarity S [B, N, N] (fp32 for N <= 4096, fp16 above, see
+// vtprune.similarity.scope_similarity), the weights w = max(saliency, 0) ** alpha (fp32 [B, N]),
+// lengths and per-image k. All math is fp32. One CTA of kThreads threads runs image b:
+//
+//   init     gain(v) = sum_u max(0, S[u, v]) over valid u (NaN stays NaN, as clamp_min(0))
+//   repeat k times:
+//     pick   t = lowest-index argmax over valid unselected v of max(gain, 0) * w (or + w); a NaN
+//            score counts as -inf; if the best is -inf, the lowest unselected valid index
+//     cover  read the COLUMN S[:, t] (no symmetry of S is assumed, as in the reference); the rows
+//            u with S[u, t] > c(u) are compacted, in ascending order, into a list with their old
+//            and new coverage lo_u / hi_u, and c(u) = hi_u
+//     update gain(v) -= sum_{u listed} min(max(S[u, v] - lo_u, 0), hi_u - lo_u)
+//            = max(0, S - lo) - max(0, S - hi), written so that a covered entry adds exactly 0.
+//            A step costs |list| x N instead of the reference's N x N.
+//
+// Column sums (init and update) walk the columns in tiles of kTileCols. Inside a tile, row group g
+// (kColThreads consecutive threads, one row at a time, so every warp reads contiguous memory) sums
+// rows j = g, g + kRowGroups, ... serially; the kRowGroups partial sums of a column are then added
+// in group order. The order depends only on the image's own length and list, never on the thread
+// timing, so the picks are deterministic; the incremental gains agree with the reference's
+// recomputed sums to a few fp32 ulps of the initial gain (the picks are equal unless two scores
+// are that close).
+//
+// Memory. The list (row, lo, hi: 12 bytes per entry) holds up to list_cap rows, list_cap =
+// min(N rounded up to kThreads, kListMax), in shared memory; when more rows change in one step
+// (only possible for N > kListMax), the rows are scanned in chunks of kThreads and the list is
+// applied and emptied whenever one more chunk could overflow it. For N <= kListMax = 4096 (every
+// fp32 S) there is exactly one update per step, the same arithmetic as an unbounded list.
+// The per-image state, gain and coverage (fp32) and selected flags (uint8), 9 N bytes, lives in
+// dynamic shared memory when it fits the device's opt-in limit with the list and the tile
+// buffers (N up to ~16K on H100, ~12K on A100), and otherwise in a global workspace
+// (scope_workspace_bytes(B, N) = 9 B N bytes, allocated by the caller, so the launch allocates
+// nothing and can be captured in a CUDA graph). The launcher never allocates: with fp16 S above
+// 4096 tokens the op needs 2 N^2 bytes per image for S plus O(N D) for the normalized tokens and
+// O(N) here.
+//
+// Synchronization: every phase that writes shared (or workspace) state ends with __syncthreads()
+// before another thread reads it; the tile buffers are double-buffered so one barrier per tile
+// suffices (see column_pass). The grid-stride loop over images is block-uniform.
+//
+// Bounds: lengths are clamped to [1, N] and k to [0, min(length, K_MAX)] inside the kernel, and
+// only rows and columns below the length are read, so no value of lengths / k reads or writes out
+// of bounds. Offsets into S are int64 (B * N * N exceeds 2**31).
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <initializer_list>
+#include <cmath>
+
+#include "common.cuh"
+#include "kernels.h"
+
+namespace vtprune {
+namespace {
+
+constexpr int kThreads = 1024;
+constexpr int kWarps = kThreads / kWarpSize;
+// Column tile: kColThreads threads x kColsPerThread columns; kRowGroups groups split the rows.
+constexpr int kColThreads = 128;
+constexpr int kColsPerThread = 2;
+constexpr int kTileCols = kColThreads * kColsPerThread;  // 256 columns, like the Triton BLOCK_V
+constexpr int kRowGroups = kThreads / kColThreads;       // 8
+constexpr int kListMax = 4096;  // = SCOPE_FP32_MAX_N: one update per step for every fp32 S
+constexpr int kNoIndex = INT_MAX;
+constexpr int64_t kMaxGridX = 2147483647;
+constexpr int64_t kDefaultSmem = 48 * 1024;  // above this, dynamic smem needs an opt-in
+constexpr int kMaxCachedDevices = 64;
+
+static_assert(kWarps == kWarpSize, "the block reductions combine one value per warp in one warp");
+static_assert(kThreads % kColThreads == 0 && kColThreads % kWarpSize == 0,
+              "a row group must be whole warps");
+static_assert(kTileCols <= kThreads, "one thread per column reduces a tile");
+static_assert(kListMax % kThreads == 0, "the list holds whole chunks of rows");
+
+__host__ __device__ inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Byte offsets into dynamic shared memory. Computed the same way on the host (launch size) and on
+// the device (carving), from (list_cap, n, state_in_smem) only.
+struct SmemLayout {
+  int64_t partial;      // float [2][kRowGroups][kTileCols], double-buffered tile partial sums
+  int64_t list_u;       // int   [list_cap]  changed rows
+  int64_t list_lo;      // float [list_cap]  their old coverage
+  int64_t list_hi;      // float [list_cap]  their new coverage
+  int64_t red_val;      // float [kWarps]    per-warp best score
+  int64_t red_idx;      // int   [kWarps]    per-warp best index
+  int64_t red_free;     // int   [kWarps]    per-warp lowest unselected index
+  int64_t scan_count;   // int   [kWarps]    per-warp count of changed rows
+  int64_t scan_offset;  // int   [kWarps + 1] exclusive prefix of scan_count, then the total
+  int64_t pick;         // int   [1]         the step's pick, broadcast
+  int64_t gain;         // float [n]         (state_in_smem only)
+  int64_t cov;          // float [n]         (state_in_smem only)
+  int64_t flags;        // uint8 [n]         (state_in_smem only)
+  int64_t bytes;        // total
+};
+
+__host__ __device__ inline SmemLayout make_layout(int64_t list_cap, int64_t n, bool state_in_smem) {
+  SmemLayout l{};
+  int64_t at = 0;
+  auto take = [&at](int64_t bytes) {
+    const int64_t here = at;
+    at += align16(bytes);
+    return here;
+  };
+  l.partial = take(int64_t{2} * kRowGroups * kTileCols * 4);
+  l.list_u = take(list_cap * 4);
+  l.list_lo = take(list_cap * 4);
+  l.list_hi = take(list_cap * 4);
+  l.red_val = take(kWarps * 4);
+  l.red_idx = take(kWarps * 4);
+  l.red_free = take(kWarps * 4);
+  l.scan_count = take(kWarps * 4);
+  l.scan_offset = take((kWarps + 1) * 4);
+  l.pick = take(4);
+  l.gain = l.cov = l.flags = -1;
+  if (state_in_smem) {
+    l.gain = take(n * 4);
+    l.cov = take(n * 4);
+    l.flags = take(n);
+  }
+  l.bytes = at;
+  return l;
+}
+
+// Workspace layout (global state): gain [B, N] fp32, coverage [B, N] fp32, flags [B, N] uint8.
+constexpr int64_t kWorkspaceBytesPerToken = 4 + 4 + 1;
+
+struct Scratch {
+  float* partial;
+  int* list_u;
+  float* list_lo;
+  float* list_hi;
+  float* red_val;
+  int* red_idx;
+  int* red_free;
+  int* scan_count;
+  int* scan_offset;
+  int* pick;
+};
+
+struct State {
+  float* gain;
+  float* cov;
+  unsigned char* flags;
+};
+
+// max(0, s) that keeps NaN (torch's clamp_min(0) does; fmaxf would drop it).
+__device__ __forceinline__ float relu_keep_nan(float s) { return s < 0.0f ? 0.0f : s; }
+
+// max(0, s - lo) - max(0, s - hi) as min(max(s - lo, 0), hi - lo): exactly 0 when s <= lo.
+// A NaN s contributes 0 (fmaxf), as in the Triton kernel.
+__device__ __forceinline__ float coverage_drop(float s, float lo, float width) {
+  return fminf(fmaxf(s - lo, 0.0f), width);
+}
+
+// (score, index) pairs ordered by score, then by the lower index; never holds a NaN score.
+__device__ __forceinline__ void merge_best(float& val, int& idx, float other_val, int other_idx) {
+  if (other_val > val || (other_val == val && other_idx < idx)) {
+    val = other_val;
+    idx = other_idx;
+  }
+}
+
+// Butterfly over the warp: every lane ends with the warp's best (score, index) and lowest free index.
+__device__ __forceinline__ void warp_reduce_best(float& best, int& best_idx, int& first_free) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
+    const float other_val = __shfl_xor_sync(kFullMask, best, offset);
+    const int other_idx = __shfl_xor_sync(kFullMask, best_idx, offset);
+    merge_best(best, best_idx, other_val, other_idx);
+    first_free = min(first_free, __shfl_xor_sync(kFullMask, first_free, offset));
+  }
+}
+
+// Column sums over `rows` rows of S for the columns [0, length), one tile at a time:
+//   kInit:  gain[v]  = sum_{u < rows} relu_keep_nan(S[u, v])
+//   else:   gain[v] -= sum_{j < rows} coverage_drop(S[list_u[j], v], list_lo[j], width_j)
+// Must be entered by the whole block (after a barrier that published the list); ends with a
+// barrier, after which gain is visible to every thread.
+template <typename T, bool kInit>
+__device__ void column_pass(const T* __restrict__ s_b, int64_t n, int length, int rows,
+                            const Scratch& sh, float* gain) {
+  const int tid = threadIdx.x;
+  const int ct = tid % kColThreads;  // column thread inside the tile
+  const int rg = tid / kColThreads;  // row group, uniform over each warp
+  int parity = 0;
+  for (int v0 = 0; v0 < length; v0 += kTileCols) {
+    float acc[kColsPerThread];
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) acc[c] = 0.0f;
+    // Loads of consecutive rows are independent; only the adds are ordered.
+#pragma unroll 4
+    for (int j = rg; j < rows; j += kRowGroups) {
+      int u;
+      float lo = 0.0f;
+      float width = 0.0f;
+      if (kInit) {
+        u = j;
+      } else {
+        u = sh.list_u[j];
+        lo = sh.list_lo[j];
+        width = sh.list_hi[j] - lo;
+      }
+      const T* row = s_b + static_cast<int64_t>(u) * n;
+#pragma unroll
+      for (int c = 0; c < kColsPerThread; ++c) {
+        const int v = v0 + ct + c * kColThreads;
+        if (v < length) {
+          const float s = to_float(row[v]);
+          acc[c] += kInit ? relu_keep_nan(s) : coverage_drop(s, lo, width);
+        }
+      }
+    }
+    // Double buffer: the tile after next rewrites this buffer only after passing the next tile's
+    // barrier, which every reader of this buffer reaches after its reads.
+    float* part = sh.partial + parity * (kRowGroups * kTileCols);
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) part[rg * kTileCols + ct + c * kColThreads] = acc[c];
+    __syncthreads();
+    if (tid < kTileCols) {
+      const int v = v0 + tid;
+      if (v < length) {
+        float sum = part[tid];
+#pragma unroll
+        for (int g = 1; g < kRowGroups; ++g) sum += part[g * kTileCols + tid];
+        gain[v] = kInit ? sum : gain[v] - sum;
+      }
+    }
+    parity ^= 1;
+  }
+  __syncthreads();
+}
+
+// Exclusive prefix count of `flag` over the block in thread order; `total` gets the block's count.
+// Contains two barriers; the scratch it uses is safe to reuse on the next call (each array is
+// written only after a barrier that all its readers of the previous call have passed).
+__device__ __forceinline__ int block_exclusive_count(bool flag, const Scratch& sh, int& total) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const unsigned ballot = __ballot_sync(kFullMask, flag);
+  if (lane == 0) sh.scan_count[warp] = __popc(ballot);
+  __syncthreads();
+  if (warp == 0) {
+    const int mine = sh.scan_count[lane];
+    int inclusive = mine;
+#pragma unroll
+    for (int offset = 1; offset < kWarpSize; offset <<= 1) {
+      const int up = __shfl_up_sync(kFullMask, inclusive, offset);
+      if (lane >= offset) inclusive += up;
+    }
+    sh.scan_offset[lane] = inclusive - mine;
+    if (lane == kWarpSize - 1) sh.scan_offset[kWarps] = inclusive;
+  }
+  __syncthreads();
+  total = sh.scan_offset[kWarps];
+  return sh.scan_offset[warp] + __popc(ballot & ((1u << lane) - 1u));
+}
+
+// The step's pick (SPEC §1), the same value in every thread. Contains two barriers.
+__device__ int pick_next(const float* __restrict__ w_b, const State& st, int length, bool mul,
+                         const Scratch& sh) {
+  const int tid = threadIdx.x;
+  const int lane = tid % kWarpSize;
+  const int warp = tid / kWarpSize;
+  float best = -INFINITY;
+  int best_idx = kNoIndex;
+  int first_free = kNoIndex;
+  // v ascends per thread: a strict '>' keeps the lowest index among equal scores.
+  for (int v = tid; v < length; v += kThreads) {
+    if (st.flags[v]) continue;
+    if (first_free == kNoIndex) first_free = v;
+    float g = st.gain[v];
+    // The exact gain is >= 0; incremental drift must not push it below (a fully covered token
+    // scores exactly 0 in the reference). NaN stays NaN and then never wins the '>'.
+    g = g < 0.0f ? 0.0f : g;
+    const float score = mul ? g * w_b[v] : g + w_b[v];
+    if (score > best) {
+      best = score;
+      best_idx = v;
+    }
+  }
+  warp_reduce_best(best, best_idx, first_free);
+  if (lane == 0) {
+    sh.red_val[warp] = best;
+    sh.red_idx[warp] = best_idx;
+    sh.red_free[warp] = first_free;
+  }
+  __syncthreads();
+  if (warp == 0) {
+    best = sh.red_val[lane];
+    best_idx = sh.red_idx[lane];
+    first_free = sh.red_free[lane];
+    warp_reduce_best(best, best_idx, first_free);
+    if (lane == 0) {
+      int t = best > -INFINITY ? best_idx : first_free;
+      // Unreachable guard: fewer than `length` picks so far, so an unselected index exists.
+      *sh.pick = min(t, length - 1);
+    }
+  }
+  __syncthreads();
+  return *sh.pick;
+}
+
+// Coverage update for pick t and the incremental gain update. Ends with a barrier.
+template <typename T>
+__device__ void cover_and_update(const T* __restrict__ s_b, int64_t n, int length, int t,
+                                 int list_cap, const State& st, const Scratch& sh) {
+  const int tid = threadIdx.x;
+  int count = 0;  // listed rows not yet applied; block-uniform (built from scan totals)
+  for (int c0 = 0; c0 < length; c0 += kThreads) {
+    const int u = c0 + tid;
+    float col = 0.0f;
+    float lo = 0.0f;
+    bool changed = false;
+    if (u < length) {
+      col = to_float(s_b[static_cast<int64_t>(u) * n + t]);  // S[u, t]: the column
+      lo = st.cov[u];
+      changed = col > lo;  // NaN never raises the coverage
+    }
+    int total = 0;
+    const int pos = count + block_exclusive_count(changed, sh, total);
+    if (changed) {
+      sh.list_u[pos] = u;
+      sh.list_lo[pos] = lo;
+      sh.list_hi[pos] = col;
+      st.cov[u] = col;  // row u is read and written by this thread only in this phase
+    }
+    count += total;
+    const bool last_chunk = c0 + kThreads >= length;
+    // Apply the list at the end, or before the next chunk (up to kThreads rows) could overflow it.
+    if (count > 0 && (last_chunk || count > list_cap - kThreads)) {
+      __syncthreads();  // publish the list entries
+      column_pass<T, false>(s_b, n, length, count, sh, st.gain);
+      count = 0;
+    }
+  }
+  __syncthreads();  // coverage (and gains) of this step are visible to the next one
+}
+
+template <typename T, bool kStateInSmem>
+__global__ void __launch_bounds__(kThreads, 1)
+scope_greedy_kernel(const T* __restrict__ sim, const float* __restrict__ weights,
+                    const int64_t* __restrict__ lengths, const int64_t* __restrict__ k_per_image,
+                    int64_t B, int64_t n, int64_t k_max, bool mul, int list_cap,
+                    unsigned char* __restrict__ workspace, int64_t* __restrict__ out) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const SmemLayout lay = make_layout(list_cap, n, kStateInSmem);
+  Scratch sh;
+  sh.partial = reinterpret_cast<float*>(smem + lay.partial);
+  sh.list_u = reinterpret_cast<int*>(smem + lay.list_u);
+  sh.list_lo = reinterpret_cast<float*>(smem + lay.list_lo);
+  sh.list_hi = reinterpret_cast<float*>(smem + lay.list_hi);
+  sh.red_val = reinterpret_cast<float*>(smem + lay.red_val);
+  sh.red_idx = reinterpret_cast<int*>(smem + lay.red_idx);
+  sh.red_free = reinterpret_cast<int*>(smem + lay.red_free);
+  sh.scan_count = reinterpret_cast<int*>(smem + lay.scan_count);
+  sh.scan_offset = reinterpret_cast<int*>(smem + lay.scan_offset);
+  sh.pick = reinterpret_cast<int*>(smem + lay.pick);
+
+  const int tid = threadIdx.x;
+  // Grid-stride over images: B can exceed the grid limit. Every branch below is block-uniform.
+  for (int64_t b = blockIdx.x; b < B; b += gridDim.x) {
+    // Clamped so that no value of lengths / k can push a read or write out of bounds.
+    const int length = static_cast<int>(min(max(lengths[b], int64_t{1}), n));
+    const int kb = static_cast<int>(min(max(k_per_image[b], int64_t{0}), min(int64_t{length}, k_max)));
+    if (kb == 0) continue;
+
+    State st;
+    if (kStateInSmem) {
+      st.gain = reinterpret_cast<float*>(smem + lay.gain);
+      st.cov = reinterpret_cast<float*>(smem + lay.cov);
+      st.flags = smem + lay.flags;
+    } else {
+      float* ws = reinterpret_cast<float*>(workspace);
+      st.gain = ws + b * n;
+      st.cov = ws + B * n + b * n;
+      st.flags = workspace + int64_t{8} * B * n + b * n;
+    }
+    const T* s_b = sim + b * n * n;
+    const float* w_b = weights + b * n;
+    int64_t* out_b = out + b * k_max;
+
+    // The previous image (if any) ended with a barrier, so its state is no longer read.
+    for (int v = tid; v < length; v += kThreads) {
+      st.cov[v] = 0.0f;
+      st.flags[v] = 0;
+    }
+    column_pass<T, true>(s_b, n, length, length, sh, st.gain);  // ends with a barrier
+
+    for (int i = 0; i < kb; ++i) {
+      const int t = pick_next(w_b, st, length, mul, sh);
+      if (tid == 0) {
+        out_b[i] = t;
+        st.flags[t] = 1;  // next read by pick_next, after the barriers of cover_and_update
+      }
+      cover_and_update<T>(s_b, n, length, t, list_cap, st, sh);
+    }
+  }
+}
+
+// Per-device cache of cudaDevAttrMaxSharedMemoryPerBlockOptin (0 = not queried yet).
+std::atomic<int> g_optin_smem[kMaxCachedDevices];
+
+cudaError_t optin_smem(int device, int* bytes) {
+  if (device >= 0 && device < kMaxCachedDevices) {
+    const int cached = g_optin_smem[device].load(std::memory_order_relaxed);
+    if (cached > 0) {
+      *bytes = cached;
+      return cudaSuccess;
+    }
+  }
+  int value = 0;
+  VTPRUNE_CUDA_TRY(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (device >= 0 && device < kMaxCachedDevices) {
+    g_optin_smem[device].store(value, std::memory_order_relaxed);
+  }
+  *bytes = value;
+  return cudaSuccess;
+}
+
+// Raises the kernel's dynamic shared memory limit to the device's opt-in maximum, once per device
+// and instantiation (always the same value, so concurrent launches with different sizes never
+// undo each other). Not a stream operation: also fine while a stream is being captured.
+template <typename T, bool kStateInSmem>
+cudaError_t allow_optin_smem(int device, int optin) {
+  static std::atomic<bool> done[kMaxCachedDevices];
+  const bool cacheable = device >= 0 && device < kMaxCachedDevices;
+  if (cacheable && done[device].load(std::memory_order_acquire)) return cudaSuccess;
+  VTPRUNE_CUDA_TRY(cudaFuncSetAttribute(scope_greedy_kernel<T, kStateInSmem>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  if (cacheable) done[device].store(true, std::memory_order_release);
+  return cudaSuccess;
+}
+
+template <typename T, bool kStateInSmem>
+cudaError_t launch_typed(const void* sim, const float* weights, const int64_t* lengths,
+                         const int64_t* k_per_image, int64_t B, int64_t N, int64_t k_max, bool mul,
+                         int list_cap, int64_t smem_bytes, int device, int optin,
+                         unsigned char* workspace, int64_t* out, cudaStream_t stream) {
+  if (smem_bytes > kDefaultSmem) VTPRUNE_CUDA_TRY((allow_optin_smem<T, kStateInSmem>(device, optin)));
+  const dim3 grid(static_cast<unsigned>(std::min(B, kMaxGridX)));
+  scope_greedy_kernel<T, kStateInSmem><<<grid, kThreads, static_cast<size_t>(smem_bytes), stream>>>(
+      static_cast<const T*>(sim), weights, lengths, k_per_image, B, N, k_max, mul, list_cap,
+      workspace, out);
+  return cudaGetLastError();
+}
+
+struct LaunchPlan {
+  bool state_in_smem;
+  int64_t list_cap;
+  int64_t smem_bytes;
+};
+
+// State in shared memory if it fits (with the full list, else with the smallest one), otherwise in
+// the workspace. A smaller list changes only how often it is applied, never which rows are summed.
+bool plan_launch(int64_t n, int64_t list_cap, int64_t optin, bool force_global_state,
+                 LaunchPlan* plan) {
+  for (const bool in_smem : {true, false}) {
+    if (in_smem && force_global_state) continue;
+    for (const int64_t cap : {list_cap, int64_t{kThreads}}) {
+      const int64_t bytes = make_layout(cap, n, in_smem).bytes;
+      if (bytes <= optin) {
+        *plan = LaunchPlan{in_smem, cap, bytes};
+        return true;
+      }
+    }
+  }
+  return false;  // not even the tile buffers and the smallest list fit
+}
+
+}  // namespace
+
+int64_t scope_workspace_bytes(int64_t B, int64_t N) {
+  if (B <= 0 || N <= 0) return 0;
+  return kWorkspaceBytesPerToken * B * N;
+}
+
+cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const float* weights,
+                                const int64_t* lengths, const int64_t* k_per_image, int64_t B,
+                                int64_t N, int64_t k_max, bool mul, void* workspace,
+                                int64_t workspace_bytes, int64_t* out, cudaStream_t stream,
+                                bool force_global_state, int64_t max_list) {
+  if ((sim_dtype != static_cast<int>(DType::Float32) &&
+       sim_dtype != static_cast<int>(DType::Float16)) ||
+      B < 0 || N < 0 || N > kScopeMaxN || k_max < 0 || workspace_bytes < 0 || max_list < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (B == 0 || N == 0 || k_max == 0) return cudaSuccess;  // nothing to write
+  if (B > INT64_MAX / N / N) return cudaErrorInvalidValue;   // S offsets must fit in int64
+  if (sim == nullptr || weights == nullptr || lengths == nullptr || k_per_image == nullptr ||
+      out == nullptr || workspace == nullptr || workspace_bytes < scope_workspace_bytes(B, N)) {
+    return cudaErrorInvalidValue;
+  }
+
+  DeviceGuard guard;
+  VTPRUNE_CUDA_TRY(guard.set_from_pointer(out));
+  int device = 0;
+  VTPRUNE_CUDA_TRY(cudaGetDevice(&device));
+  int optin = 0;
+  VTPRUNE_CUDA_TRY(optin_smem(device, &optin));
+
+  // List capacity: whole chunks of kThreads rows, no more than N needs (rounded up), at most
+  // kListMax, or max_list when the caller (tests) asks for less.
+  int64_t list_cap = std::min<int64_t>((N + kThreads - 1) / kThreads * kThreads, kListMax);
+  if (max_list > 0) list_cap = std::min(list_cap, std::max<int64_t>(max_list / kThreads, 1) * kThreads);
+  LaunchPlan plan{};
+  if (!plan_launch(N, list_cap, optin, force_global_state, &plan)) {
+    return cudaErrorInvalidConfiguration;
+  }
+
+  auto* ws = static_cast<unsigned char*>(workspace);
+  const int cap = static_cast<int>(plan.list_cap);
+  const int64_t bytes = plan.smem_bytes;
+  // Drop a stale, non-sticky error left by an earlier call so it is not reported as ours.
+  (void)cudaGetLastError();
+  if (sim_dtype == static_cast<int>(DType::Float32)) {
+    return plan.state_in_smem
+               ? launch_typed<float, true>(sim, weights, lengths, k_per_image, B, N, k_max, mul,
+                                           cap, bytes, device, optin, ws, out, stream)
+               : launch_typed<float, false>(sim, weights, lengths, k_per_image, B, N, k_max, mul,
+                                            cap, bytes, device, optin, ws, out, stream);
+  }
+  return plan.state_in_smem
+             ? launch_typed<__half, true>(sim, weights, lengths, k_per_image, B, N, k_max, mul, cap,
+                                          bytes, device, optin, ws, out, stream)
+             : launch_typed<__half, false>(sim, weights, lengths, k_per_image, B, N, k_max, mul,
+                                           cap, bytes, device, optin, ws, out, stream);
+}
+
+}  // namespace vtprune

@@ -1,0 +1,84 @@
+"""Fixed-``k`` and packed-sequence (varlen) SCOPE on top of a padded-batch engine, shared by the backends.
+
+The Triton and CUDA SCOPE kernels and the torch engine all run a padded batch
+``[B, max_len, D]`` with per-image ``lengths``; this module turns the FlashAttention-style packed
+form (``tokens [T, D]``, ``cu_seqlens [B+1]``) into that batch and the picks back into packed
+indices, so every backend packs and unpacks identically.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+#: ``(x [B, max_len, D], sal [B, max_len], k_per_image int64 [B], k_max, lengths int64 [B] or None
+#: for all)`` -> picks int64 ``[B, k_max]`` in pick order (row ``b`` valid up to ``k_per_image[b]``).
+PaddedPicks = Callable[[Tensor, Tensor, Tensor, int, "Tensor | None"], Tensor]
+
+#: A GPU backend's ``scope_picks(tokens, saliency, k_per_image, k_max, alpha, combine, lengths,
+#: **options)``.
+ScopePicks = Callable[..., Tensor]
+
+
+def bind_scope_picks(scope_picks: ScopePicks, alpha: float, combine: str, options: dict) -> PaddedPicks:
+    """``scope_picks`` with ``alpha``, ``combine`` and the backend's test knobs fixed."""
+
+    def padded_picks(x: Tensor, sal: Tensor, ks: Tensor, k_max: int, lengths: Tensor | None) -> Tensor:
+        return scope_picks(x, sal, ks, k_max, alpha, combine, lengths, **options)
+
+    return padded_picks
+
+
+def select_batched(
+    tokens: Tensor, saliency: Tensor, k: int, lengths: Tensor | None, sorted: bool, padded_picks: PaddedPicks
+) -> Tensor:
+    """The same ``k`` for every image of ``tokens [B, N, D]``: int64 ``[B, k]``, ascending or in pick order."""
+    k = int(k)
+    ks = torch.full((tokens.shape[0],), k, dtype=torch.int64, device=tokens.device)
+    picks = padded_picks(tokens, saliency, ks, k, lengths)
+    return picks.sort(dim=1).values if sorted else picks
+
+
+def select_packed(
+    tokens: Tensor,
+    saliency: Tensor,
+    cu_seqlens: Tensor,
+    k_per_seq: Tensor,
+    sorted: bool,
+    padded_picks: PaddedPicks,
+) -> tuple[Tensor, Tensor]:
+    """Run ``padded_picks`` on the packed sequences; ``(indices into T [sum k], cu_k [B+1])``, int64.
+
+    The sequences are padded into one batch, so every sequence runs in the same launch and
+    stops after its own ``k_b`` picks. Inputs are expected validated (``cu_seqlens`` strictly
+    increasing from 0 to ``T``, ``1 <= k_b <= seqlen_b``); the kernels clamp bad values, so they
+    can never read out of bounds. Padded slots hold copies of real tokens, which the kernels
+    never read (they stop at ``lengths``).
+    """
+    device = tokens.device
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    ks = k_per_seq.to(device=device, dtype=torch.int64)
+    batch = ks.shape[0]
+    cu_k = torch.zeros(batch + 1, dtype=torch.int64, device=device)
+    cu_k[1:] = ks.cumsum(0)
+    if batch == 0 or tokens.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=device), cu_k
+    lengths = cu[1:] - cu[:-1]
+    # The output shapes must be known on the host: one small sync, outside the kernel.
+    max_len, k_max, total = (int(v) for v in torch.stack([lengths.max(), ks.max(), cu_k[-1]]).tolist())
+    if max_len <= 0 or k_max <= 0 or total <= 0:
+        return torch.empty(0, dtype=torch.int64, device=device), cu_k
+    pos = torch.arange(max_len, device=device)
+    src = (cu[:-1, None] + pos[None, :]).clamp(0, tokens.shape[0] - 1)
+    picks = padded_picks(tokens[src], saliency[src], ks, k_max, lengths)
+    if sorted:
+        keep = torch.arange(k_max, device=device)[None, :] < ks[:, None]
+        # the unused tail of a row (past its k_b) sorts after every kept pick
+        picks = torch.where(keep, picks, torch.full_like(picks, max_len)).sort(dim=1).values
+    # Sequence b's first k_b picks, packed, gathered without a boolean mask (no further sync).
+    j = torch.arange(total, device=device)
+    seq = torch.searchsorted(cu_k[1:], j, right=True)
+    indices = picks[seq, j - cu_k[seq]] + cu[seq]
+    return indices, cu_k
