@@ -25,7 +25,13 @@ from vtprune.torch_backend import attention as attention_mod
 from vtprune.torch_backend import coverage as coverage_mod
 from vtprune.torch_backend import holov as holov_mod
 from vtprune.torch_backend import scope as scope_mod
-from conftest import assert_same_greedy, assert_valid_selection, check_greedy_picks
+from conftest import (
+    assert_same_greedy,
+    assert_valid_selection,
+    check_greedy_picks,
+    random_budget_case,
+    random_crop_topk_case,
+)
 
 OP_NAMES = (
     "scope_select",
@@ -442,35 +448,10 @@ def test_holov_degenerate_attention(monkeypatch):
 # ----------------------------------------------------------------------------- crop_budgets
 
 
-def _random_budget_case(g: torch.Generator, kind: int):
-    batch = 3
-    crops = int(torch.randint(1, 10, (1,), generator=g))
-    cap = torch.randint(0, 6, (batch, crops), generator=g)
-    cap[:, 0] += 1
-    k = int(torch.randint(1, int(cap.sum(1).min()) + 1, (1,), generator=g))
-    w = torch.rand(batch, crops, generator=g)
-    if kind == 0:  # normalized, like HoloV's
-        w = w / (w.sum(1, keepdim=True) + 1e-6)
-    elif kind == 1:  # small: a large leftover that cycles over the crops
-        w = w * 0.05
-    elif kind == 2:  # NaN weights: 0, ordered last
-        w = w / (w.sum(1, keepdim=True) + 1e-6)
-        w[torch.rand(batch, crops, generator=g) < 0.4] = float("nan")
-    elif kind == 3:  # all zero
-        w = torch.zeros(batch, crops)
-    elif kind == 4:  # ties and negative weights
-        w = torch.randint(-1, 3, (batch, crops), generator=g).float()
-        w = w / (w.clamp_min(0).sum(1, keepdim=True) + 1e-6)
-    else:  # all weight on one crop that cannot hold it: the surplus cycles over the others
-        w = torch.zeros(batch, crops)
-        w[:, 0] = 1.0
-    return w, k, cap
-
-
 def test_crop_budgets_adversarial_equals_reference():
     g = _gen(71)
     for trial in range(600):
-        w, k, cap = _random_budget_case(g, trial % 6)
+        w, k, cap = random_budget_case(g, trial % 6)
         got = OPS["crop_budgets"](w, k, cap)
         want = reference.crop_budgets(w, k, cap)
         assert got.dtype == torch.int64
@@ -499,23 +480,10 @@ def test_crop_budgets_hand_cases():
 def test_crop_topk_equals_reference():
     g = _gen(73)
     for trial in range(60):
-        batch, n = 3, int(torch.randint(1, 60, (1,), generator=g))
-        crops = int(torch.randint(1, 8, (1,), generator=g))
-        # random sizes (zeros allowed) summing to at most n, the same k in every row
-        cuts = torch.sort(torch.randint(0, n + 1, (batch, crops), generator=g), dim=1).values
-        sizes = torch.diff(cuts, dim=1, prepend=torch.zeros(batch, 1, dtype=torch.int64))
-        k = int(sizes.sum(1).min())
-        if k == 0:
+        case = random_crop_topk_case(g)
+        if case is None:
             continue
-        budgets = torch.zeros_like(sizes)
-        for b in range(batch):  # any budgets <= sizes summing to k
-            left = k
-            for c in torch.randperm(crops, generator=g).tolist():
-                take = min(left, int(sizes[b, c]))
-                budgets[b, c] = take
-                left -= take
-        scores = torch.randint(0, 5, (batch, n), generator=g).float()  # many ties
-        scores[torch.rand(batch, n, generator=g) < 0.1] = float("nan")
+        scores, sizes, budgets, k = case
         for sorted_ in (True, False):
             got = OPS["crop_topk"](scores, sizes, budgets, k, sorted_)
             want = reference.crop_topk(scores, sizes, budgets, k, sorted_)
