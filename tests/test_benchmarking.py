@@ -358,3 +358,44 @@ def test_bench_list(capsys):
     for text in ("scope (baseline reference_loop", "holov (baseline reference_loop", "attention (baseline materialized",
                  "qwen-n16384", "exact-gqa-L32768", "provider materialized"):
         assert text in out
+
+
+# ----------------------------------------------------------------------------- benchmarks/gpu_suite.sh
+
+GPU_SUITE = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.sh"
+
+
+def _gpu_suite(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(GPU_SUITE), *args], capture_output=True, text=True, timeout=120)
+
+
+def test_gpu_suite_rejects_unknown_steps(tmp_path):
+    result = _gpu_suite(str(tmp_path), "tests", "bench-nothing")
+    assert result.returncode == 2
+    assert "unknown step 'bench-nothing'" in result.stderr
+    assert not (tmp_path / "tests.log").exists()  # nothing ran
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the GPU-less exit; a GPU is present")
+def test_gpu_suite_without_gpu_says_so(tmp_path):
+    result = _gpu_suite(str(tmp_path), "info")
+    assert result.returncode == 2
+    assert "no usable GPU" in result.stderr
+
+
+def test_gpu_suite_summary_merges_the_steps_of_several_calls(tmp_path):
+    # What two time-limited calls leave in one folder once copied together.
+    (tmp_path / "env.md").write_text("- device: NVIDIA Test GPU, 1.0\n")
+    (tmp_path / "steps.md").write_text("| tests | pass | 100s |\n| bench-scope | pass | 60s |\n")
+    (tmp_path / "tests.log").write_text("...\n12 passed in 100.00s\n")
+    (tmp_path / "scope.md").write_text("# title\n| shape | provider |\n|---|---|\n| a | cuda |\n")
+    (tmp_path / "bench-holov.log").write_text("Traceback ...\n")
+    result = _gpu_suite(str(tmp_path), "summary")
+    assert result.returncode == 0, result.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert "NVIDIA Test GPU" in summary
+    assert "| bench-scope | pass | 60s |" in summary
+    assert "Test summary: 12 passed in 100.00s" in summary
+    assert "## scope" in summary and "| a | cuda |" in summary and "# title" not in summary
+    assert "## holov: no table (see bench-holov.log)" in summary
+    assert "attention" not in summary  # a step that never ran is not reported

@@ -6,20 +6,22 @@ Same contract as :func:`vtprune.reference.scope_select` / ``scope_select_varlen`
 
 Design
 ------
-1. Similarity, in torch: :func:`vtprune.similarity.scope_similarity`, i.e. ``S = normalize_rows(x)
-   @ normalize_rows(x)^T`` evaluated in fp32 (the reference's formula; like the reference and the
-   torch backend it follows torch's float32 matmul precision, so it is TF32 only if the caller
-   enabled TF32 for matmuls). The weights ``w = max(sal, 0) ** alpha`` come from
+1. Similarity. fp32 tokens: in torch, :func:`vtprune.similarity.scope_similarity`, i.e.
+   ``S = normalize_rows(x) @ normalize_rows(x)^T`` evaluated in fp32 (the reference's formula; like
+   the reference and the torch backend it follows torch's float32 matmul precision, so it is TF32
+   only if the caller enabled TF32 for matmuls). fp16/bf16 tokens: one launch of
+   :mod:`vtprune.triton_kernels.similarity` (tensor-core products, norms from the same tiles),
+   within a few fp32 ulps of the torch values. The weights ``w = max(sal, 0) ** alpha`` come from
    :func:`vtprune.similarity.saliency_weights`.
    Storage, decided per image by its own length (never by the padded width of the batch, so an
    image's picks do not depend on what it is batched with; a batch mixing both kinds runs as two
    launches, each padded only to its own longest image):
    - up to ``SCOPE_FP32_MAX_N = 4096`` tokens S is kept in fp32, ``4 * B * N**2`` bytes (1.3 MiB
      per image at N = 576, 33 MiB at N = 2880, 64 MiB at 4096), the reference's own fp32 values;
-   - above, S is built in fp32 row blocks and rounded once to fp16: ``2 * B * N**2`` bytes
-     (512 MiB per image at N = 16384) plus one fp32 row block and the fp32 normalized tokens
-     (``4 * B * N * D``). The kernel upcasts every load, so all the arithmetic below stays fp32
-     and the picks are the greedy picks of the rounded S (see docs/semantics.md).
+   - above, S is built in fp32 and rounded once to fp16: ``2 * B * N**2`` bytes (512 MiB per
+     image at N = 16384); the torch path (fp32 tokens) adds one fp32 row block and the fp32
+     normalized tokens (``4 * B * N * D``), the fused kernel (16-bit tokens) nothing. The
+     kernel upcasts every load, so all the arithmetic below stays fp32 and the picks are the greedy picks of the rounded S (see docs/semantics.md).
    The scratch rows of step 2 add ``21 * B * N`` bytes.
 2. One persistent launch, ``grid = (B,)``: program ``b`` runs every greedy step of image ``b``.
    Its state lives in small global scratch rows (L2-resident): gains ``[N]`` fp32, coverage ``[N]``
@@ -63,6 +65,7 @@ from torch import Tensor
 from vtprune._varlen import bind_scope_picks, select_batched, select_packed
 from vtprune.similarity import saliency_weights, scope_similarity, scope_storage_groups
 from vtprune.triton_kernels._common import check_float, interpreted
+from vtprune.triton_kernels.similarity import scope_similarity as fused_similarity
 
 __all__ = ["scope_picks", "scope_select", "scope_select_varlen"]
 
@@ -306,7 +309,11 @@ def _launch(
     """One kernel launch over ``tokens [B, N, D]``, S stored as ``storage``; fills ``out [B, k_max]``."""
     batch, n, _ = tokens.shape
     device = tokens.device
-    sim = scope_similarity(tokens, storage)  # [B, N, N] fp32 or fp16, contiguous
+    # [B, N, N] fp32 or fp16, contiguous; 16-bit tokens in one launch of our own kernel
+    if tokens.dtype in (torch.float16, torch.bfloat16):
+        sim = fused_similarity(tokens, storage)
+    else:
+        sim = scope_similarity(tokens, storage)
     w = saliency_weights(saliency, alpha).to(device=device, dtype=torch.float32).contiguous()
 
     gain = torch.empty(batch, n, dtype=torch.float32, device=device)
