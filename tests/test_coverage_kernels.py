@@ -1,8 +1,8 @@
 """coverage_max_sim kernels (Triton and CUDA) against a float64 torch oracle of SPEC §1.
 
 Without a GPU the Triton kernel runs on CPU tensors through the Triton interpreter, which is slow,
-so shapes stay small; the CUDA kernel tests are skipped then (with the reason from
-``vtprune._cuda.status()``).
+so shapes stay small; the CUDA kernel then runs on the CUDA emulator (``cuda-emu``: csrc/coverage.cu
+compiled for the CPU, tests/cuda_emu), and on a GPU (``cuda``) where there is one.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 
 from vtprune import _cuda
 from conftest import triton_kernel_module
+from cuda_emu.runtime import emulating, emulator_or_skip
 
 triton_coverage = triton_kernel_module("coverage")
 HAS_GPU = torch.cuda.is_available()
@@ -33,14 +34,20 @@ def _run_cuda(tokens, indices, lengths):
     return _cuda.coverage_max_sim(tokens, indices, lengths)
 
 
-BACKENDS = [
-    pytest.param(_run_triton, id="triton"),
-    pytest.param(
-        _run_cuda,
-        id="cuda",
-        marks=pytest.mark.skipif(not CUDA_OK, reason=f"CUDA backend unavailable: {CUDA_REASON}"),
-    ),
-]
+def _run_cuda_emu(tokens, indices, lengths):
+    """The CUDA kernel on the emulator (CPU tensors, two schedules that must agree), result on the
+    inputs' device."""
+    with emulating(emulator_or_skip()):
+        got = _cuda.coverage_max_sim(tokens.cpu(), indices.cpu(), lengths.cpu())
+    return got.to(tokens.device)
+
+
+CUDA_GPU = pytest.param(
+    _run_cuda,
+    id="cuda",
+    marks=pytest.mark.skipif(not CUDA_OK, reason=f"CUDA backend unavailable: {CUDA_REASON}"),
+)
+BACKENDS = [pytest.param(_run_triton, id="triton"), CUDA_GPU, pytest.param(_run_cuda_emu, id="cuda-emu")]
 
 
 def oracle(tokens: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -118,6 +125,9 @@ SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("B,N,D,K", SHAPES)
 def test_matches_oracle(run, dtype, B, N, D, K):
+    if run is _run_cuda_emu and K * N > 100_000 and dtype != torch.float32:
+        pytest.skip("K x N warp dot products take seconds per dtype on the emulator: float32 only (the "
+                    "storage dtype changes only the loads, which the smaller shapes cover)")
     tokens, indices, lengths = make_case(B, N, D, K, dtype, seed=B * 100_003 + N * 101 + D * 7 + K)
     check(run, tokens, indices, lengths, ATOL[dtype])
 
@@ -182,8 +192,8 @@ def test_empty_selection_and_empty_batch(run):
     assert tuple(empty.shape) == (0, 5)
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="large shapes only on a GPU (the Triton interpreter is too slow)")
-@pytest.mark.parametrize("run", BACKENDS)
+@pytest.mark.skipif(not HAS_GPU, reason="large shapes only on a GPU (the Triton interpreter and the emulator are too slow)")
+@pytest.mark.parametrize("run", [pytest.param(_run_triton, id="triton"), CUDA_GPU])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("B,N,D,K", [(2, 1000, 4096, 300), (1, 4097, 1024, 64), (4, 577, 1024, 577)])
 def test_large_shapes_on_gpu(run, dtype, B, N, D, K):

@@ -1,8 +1,10 @@
 """The CUDA HoloV kernels (``backend="cuda"``, csrc/holov.cu) against the reference, SPEC §2.
 
-Most tests need a GPU and skip without one (they run in the GPU suite). The argument checks of the
-bindings ``vtprune._C.holov_select`` / ``crop_budgets`` / ``crop_topk`` need no device and run
-everywhere ``vtprune._C`` is built.
+The kernel tests take the ``cuda_rt`` fixture (tests/cuda_emu/runtime.py): they run on a GPU
+("gpu", skipped without one) and on the CUDA emulator ("emu": the same kernel source compiled for
+the CPU, every launch run under two thread schedules that must agree bit for bit). CUDA graphs
+and torch.compile stay GPU-only. The argument checks of the bindings ``vtprune._C.holov_select`` /
+``crop_budgets`` / ``crop_topk`` need no device and run everywhere ``vtprune._C`` is built.
 
 Exactness: on fp32 inputs the budgets and indices must equal the reference's. The kernel's Gram
 sums run in another order than the reference's matmul, so its variances and crop scores differ in
@@ -22,6 +24,7 @@ import vtprune
 from vtprune import _cuda
 from vtprune.reference import crop_sizes_for, default_num_crops
 from conftest import assert_valid_selection, require_c_entry
+from cuda_emu.runtime import cuda_rt  # noqa: F401  (fixture)
 
 CUDA_OK, CUDA_REASON = _cuda.status()
 needs_gpu = pytest.mark.skipif(not CUDA_OK, reason=f"backend='cuda' is not usable here: {CUDA_REASON}")
@@ -29,7 +32,7 @@ needs_gpu = pytest.mark.skipif(not CUDA_OK, reason=f"backend='cuda' is not usabl
 SIZES = [1, 7, 97, 577, 2881]
 
 
-def _data(batch: int, n: int, d: int, seed: int, dtype=torch.float32, device="cuda"):
+def _data(batch: int, n: int, d: int, seed: int, device, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randn(batch, n, d, generator=g)
     # a shared component makes the similarities large and alike, where a one-pass variance cancels
@@ -49,6 +52,14 @@ def _cuda_holov(tokens, attn, k, **kwargs):
     return vtprune.holov_select(tokens, attn, k, backend="cuda", **kwargs)
 
 
+def _skip_large_on_emulator(cuda_rt, n: int) -> None:
+    """N = 2881 runs on a GPU only: on the emulator each such case takes 20 s or more, and N = 577
+    already has multi-tile crops (one crop of 577 tokens is 10 x 10 Gram tiles) and more crops
+    than the finish kernel has threads (577 one-token crops for k = 1)."""
+    if cuda_rt.emu and n > 1000:
+        pytest.skip("N = 2881 is GPU-only (too slow on the emulator; N = 577 covers the same paths)")
+
+
 def _crop_sizes(n_valid: int, k: int, num_crops: int | None) -> list[int]:
     return crop_sizes_for(n_valid, num_crops if num_crops is not None else default_num_crops(n_valid, k))
 
@@ -56,12 +67,13 @@ def _crop_sizes(n_valid: int, k: int, num_crops: int | None) -> list[int]:
 # ----------------------------------------------------------------------------- fp32: exact
 
 
-@needs_gpu
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("rank_by", ["attn", "score"])
 @pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "official-order"])
-def test_fp32_equals_reference(n, rank_by, sorted_):
-    tokens, attn = _data(2, n, 48, seed=n)
+def test_fp32_equals_reference(cuda_rt, n, rank_by, sorted_):
+    dev = cuda_rt.device
+    _skip_large_on_emulator(cuda_rt, n)
+    tokens, attn = _data(2, n, 48, seed=n, device=dev)
     k_values = sorted({1, max(1, n // 8), max(1, n // 2), n})
     crop_values = [None, 1, max(1, n // 5)] if n > 1 else [None]
     for k in k_values:
@@ -71,11 +83,11 @@ def test_fp32_equals_reference(n, rank_by, sorted_):
             assert torch.equal(got.cpu(), _reference(tokens, attn, k, **kwargs)), (n, k, crops)
 
 
-@needs_gpu
 @pytest.mark.parametrize("n", [7, 13, 33])
-def test_every_crop_count(n):
+def test_every_crop_count(cuda_rt, n):
     """C = 1 .. N, with budgets that overflow their crops (k close to N, one-token crops)."""
-    tokens, attn = _data(2, n, 20, seed=100 + n)
+    dev = cuda_rt.device
+    tokens, attn = _data(2, n, 20, seed=100 + n, device=dev)
     for crops in range(1, n + 1):
         for k in sorted({1, 3, n // 2 + 1, n - 1, n} - {0}):
             for rank_by in ("attn", "score"):
@@ -86,11 +98,12 @@ def test_every_crop_count(n):
                     assert torch.equal(got.cpu(), want), (crops, k, rank_by, sorted_, got, want)
 
 
-@needs_gpu
 @pytest.mark.parametrize("n", [7, 97, 577, 2881])
-def test_lengths_equal_reference_and_images_alone(n):
-    tokens, attn = _data(3, n, 40, seed=200 + n)
-    lengths = torch.tensor([n, max(1, n - 3), max(1, n // 2)], device="cuda")
+def test_lengths_equal_reference_and_images_alone(cuda_rt, n):
+    dev = cuda_rt.device
+    _skip_large_on_emulator(cuda_rt, n)
+    tokens, attn = _data(3, n, 40, seed=200 + n, device=dev)
+    lengths = torch.tensor([n, max(1, n - 3), max(1, n // 2)], device=dev)
     k = max(1, int(lengths.min()) // 3)
     for crops in (None, 1, int(lengths.min())):
         for rank_by in ("attn", "score"):
@@ -102,21 +115,21 @@ def test_lengths_equal_reference_and_images_alone(n):
                 assert torch.equal(got[b : b + 1], alone), (b, crops, rank_by)
 
 
-@needs_gpu
-def test_large_dim_fp32_equals_reference():
+def test_large_dim_fp32_equals_reference(cuda_rt):
     """D = 4096 (the projected features of the paper), N = 576, the default 16 crops of k = 64."""
-    tokens, attn = _data(2, 576, 4096, seed=300)
+    dev = cuda_rt.device
+    tokens, attn = _data(2, 576, 4096, seed=300, device=dev)
     for rank_by in ("attn", "score"):
         got = _cuda_holov(tokens, attn, 64, rank_by=rank_by)
         assert torch.equal(got.cpu(), _reference(tokens, attn, 64, rank_by=rank_by))
 
 
-@needs_gpu
 @pytest.mark.parametrize("d", [1, 5, 37, 64, 100])
-def test_feature_dims_and_strides(d):
+def test_feature_dims_and_strides(cuda_rt, d):
     """D not a multiple of the 16-byte vector or of a feature chunk, and tokens that are a strided
     view (row stride larger than D): the kernel's unaligned path, exact on fp32."""
-    tokens, attn = _data(2, 97, d + 3, seed=400 + d)
+    dev = cuda_rt.device
+    tokens, attn = _data(2, 97, d + 3, seed=400 + d, device=dev)
     view = tokens[:, :, 1 : d + 1]
     assert view.stride(1) == d + 3
     for crops in (None, 1, 10):
@@ -124,11 +137,11 @@ def test_feature_dims_and_strides(d):
         assert torch.equal(got.cpu(), _reference(view.contiguous(), attn, 30, num_crops=crops, rank_by="score"))
 
 
-@needs_gpu
-def test_ties_and_alpha_zero():
+def test_ties_and_alpha_zero(cuda_rt):
     """Tied attention (a quarter grid) ranks by index; alpha = 0 ranks by 1000 attn alone."""
-    tokens, _ = _data(2, 97, 24, seed=500)
-    attn = (torch.randint(0, 4, (2, 97), generator=torch.Generator().manual_seed(5)) / 4.0 + 0.25).cuda()
+    dev = cuda_rt.device
+    tokens, _ = _data(2, 97, 24, seed=500, device=dev)
+    attn = (torch.randint(0, 4, (2, 97), generator=torch.Generator().manual_seed(5)) / 4.0 + 0.25).to(dev)
     for alpha in (0.0, 0.09):
         for rank_by in ("attn", "score"):
             for sorted_ in (True, False):
@@ -162,12 +175,13 @@ def _check_invariants(got: torch.Tensor, attn: torch.Tensor, k: int, lengths: li
                 assert picked == order[: len(picked)], (b, c)
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("n", [1, 7, 97, 577, 2881])
-def test_16bit_invariants_and_agreement(dtype, n):
-    tokens, attn = _data(2, n, 72, seed=600 + n, dtype=dtype)
-    lengths = torch.tensor([n, max(1, n - 5)], device="cuda")
+def test_16bit_invariants_and_agreement(cuda_rt, dtype, n):
+    dev = cuda_rt.device
+    _skip_large_on_emulator(cuda_rt, n)
+    tokens, attn = _data(2, n, 72, seed=600 + n, dtype=dtype, device=dev)
+    lengths = torch.tensor([n, max(1, n - 5)], device=dev)
     limits = lengths.tolist()
     k = max(1, min(limits) // 4)
     agree = total = 0
@@ -185,9 +199,9 @@ def test_16bit_invariants_and_agreement(dtype, n):
     assert agree >= 0.9 * total, (agree, total)
 
 
-@needs_gpu
-def test_bf16_d4096_n576():
-    tokens, attn = _data(2, 576, 4096, seed=700, dtype=torch.bfloat16)
+def test_bf16_d4096_n576(cuda_rt):
+    dev = cuda_rt.device
+    tokens, attn = _data(2, 576, 4096, seed=700, dtype=torch.bfloat16, device=dev)
     for sorted_ in (True, False):
         got = _cuda_holov(tokens, attn, 64, sorted=sorted_)
         _check_invariants(got, attn, 64, [576, 576], None, sorted_)
@@ -201,9 +215,9 @@ def test_bf16_d4096_n576():
 # ----------------------------------------------------------------------------- crop_budgets / crop_topk alone
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-def test_crop_budgets_equals_reference(dtype):
+def test_crop_budgets_equals_reference(cuda_rt, dtype):
+    dev = cuda_rt.device
     g = torch.Generator().manual_seed(800)
     for trial in range(60):
         c = int(torch.randint(1, 40, (1,), generator=g))
@@ -218,15 +232,15 @@ def test_crop_budgets_equals_reference(dtype):
         cap[:, 0] += 1  # every row has some room
         k = int(torch.randint(1, int(cap.sum(dim=1).min()) + 1, (1,), generator=g))
         w = w.to(dtype)
-        got = vtprune.crop_budgets(w.cuda(), k, cap.cuda(), backend="cuda")
+        got = vtprune.crop_budgets(w.to(dev), k, cap.to(dev), backend="cuda")
         want = vtprune.crop_budgets(w, k, cap, backend="reference")
         assert torch.equal(got.cpu(), want), (trial, w, cap, k)
-        assert bool((got.sum(dim=1) == k).all()) and bool((got <= cap.cuda()).all())
+        assert bool((got.sum(dim=1) == k).all()) and bool((got <= cap.to(dev)).all())
 
 
-@needs_gpu
 @pytest.mark.parametrize("n", [1, 7, 97, 577])
-def test_crop_budgets_every_crop_count(n):
+def test_crop_budgets_every_crop_count(cuda_rt, n):
+    dev = cuda_rt.device
     g = torch.Generator().manual_seed(900 + n)
     for c in (range(1, n + 1) if n <= 97 else (1, 2, 33, 576, 577)):
         cap = torch.tensor([crop_sizes_for(n, c), crop_sizes_for(n, c)])
@@ -234,14 +248,14 @@ def test_crop_budgets_every_crop_count(n):
         w = w / w.sum(dim=1, keepdim=True)
         w[1] = w[1] ** 4 / (w[1] ** 4).sum()  # skewed: the big crops overflow
         for k in sorted({1, max(1, n // 3), n}):
-            got = vtprune.crop_budgets(w.cuda(), k, cap.cuda(), backend="cuda")
+            got = vtprune.crop_budgets(w.to(dev), k, cap.to(dev), backend="cuda")
             assert torch.equal(got.cpu(), vtprune.crop_budgets(w, k, cap, backend="reference")), (c, k)
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("n", [1, 7, 97, 577, 2881])
-def test_crop_topk_equals_reference(dtype, n):
+def test_crop_topk_equals_reference(cuda_rt, dtype, n):
+    dev = cuda_rt.device
     g = torch.Generator().manual_seed(1000 + n)
     for trial in range(6):
         c = int(torch.randint(1, min(n, 40) + 1, (1,), generator=g))
@@ -267,7 +281,7 @@ def test_crop_topk_equals_reference(dtype, n):
             scores[:, 3::11] = float("-inf")
         scores = scores.to(dtype)
         for sorted_ in (True, False):
-            got = vtprune.crop_topk(scores.cuda(), sizes.cuda(), budgets.cuda(), k=k, sorted=sorted_, backend="cuda")
+            got = vtprune.crop_topk(scores.to(dev), sizes.to(dev), budgets.to(dev), k=k, sorted=sorted_, backend="cuda")
             want = vtprune.crop_topk(scores, sizes, budgets, k=k, sorted=sorted_, backend="reference")
             assert torch.equal(got.cpu(), want), (trial, sorted_)
 
@@ -278,7 +292,7 @@ def test_crop_topk_equals_reference(dtype, n):
 @needs_gpu
 @pytest.mark.parametrize("n", [97, 2881])
 def test_cuda_graph_capture_and_replay(n):
-    static_x, static_a = _data(2, n, 64, seed=1100, dtype=torch.bfloat16)
+    static_x, static_a = _data(2, n, 64, seed=1100, dtype=torch.bfloat16, device="cuda")
     lengths = torch.tensor([n, n - 7], device="cuda")
 
     def run():
@@ -299,7 +313,7 @@ def test_cuda_graph_capture_and_replay(n):
     with torch.cuda.graph(graph):
         static_out = run()
     for seed in (1101, 1102):
-        x, a = _data(2, n, 64, seed=seed, dtype=torch.bfloat16)
+        x, a = _data(2, n, 64, seed=seed, dtype=torch.bfloat16, device="cuda")
         static_x.copy_(x)
         static_a.copy_(a)
         graph.replay()
@@ -319,14 +333,14 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(fn, fullgraph=True)
     lengths = torch.tensor([97, 90], device="cuda")
     for seed in (1200, 1201):  # new values, same shapes: no stale results
-        x, a = _data(2, 97, 32, seed=seed)
+        x, a = _data(2, 97, 32, seed=seed, device="cuda")
         got, want = compiled(x, a, lengths), fn(x, a, lengths)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@needs_gpu
-def test_fp64_is_refused_by_the_cuda_backend():
-    tokens, attn = _data(1, 7, 4, seed=1300)
+def test_fp64_is_refused_by_the_cuda_backend(cuda_rt):
+    dev = cuda_rt.device
+    tokens, attn = _data(1, 7, 4, seed=1300, device=dev)
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         _cuda_holov(tokens.double(), attn, 2)
 

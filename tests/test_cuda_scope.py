@@ -1,7 +1,10 @@
 """The CUDA SCOPE kernel (``backend="cuda"``, csrc/scope.cu) against the reference, SPEC §1.
 
-Most tests need a GPU and skip without one (they run in the GPU suite). The argument checks of the
-binding ``vtprune._C.scope_greedy`` need no device and run everywhere ``vtprune._C`` is built.
+The kernel tests take the ``cuda_rt`` fixture (tests/cuda_emu/runtime.py): they run on a GPU
+("gpu", skipped without one) and on the CUDA emulator ("emu": the same kernel source compiled for
+the CPU, every launch run under two thread schedules that must agree bit for bit). CUDA graphs
+and torch.compile stay GPU-only. The argument checks of the binding ``vtprune._C.scope_greedy``
+need no device and run everywhere ``vtprune._C`` is built.
 
 Exactness: on fp32 inputs the picks must equal the reference's, step for step, up to the first
 *near-tie* of the reference trajectory: two candidate scores within ``TIE_REL`` (relative) plus the
@@ -21,6 +24,7 @@ import vtprune
 from vtprune import _cuda
 from vtprune.similarity import scope_similarity
 from conftest import assert_same_greedy, np_cosine, np_weights, require_c_entry
+from cuda_emu.runtime import cuda_rt  # noqa: F401  (fixture)
 
 CUDA_OK, CUDA_REASON = _cuda.status()
 needs_gpu = pytest.mark.skipif(not CUDA_OK, reason=f"backend='cuda' is not usable here: {CUDA_REASON}")
@@ -29,7 +33,7 @@ TIE_REL = 1e-5
 NEAR_TIES: list[str] = []  # cases that hit a near-tie, for the summary at the end
 
 
-def _data(batch: int, n: int, d: int, seed: int, device="cuda", dtype=torch.float32):
+def _data(batch: int, n: int, d: int, seed: int, device, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randn(batch, n, d, generator=g).to(device=device, dtype=dtype)
     saliency = torch.rand(batch, n, generator=g).to(device=device, dtype=dtype)
@@ -122,6 +126,13 @@ def _check_image(sim: np.ndarray, w: np.ndarray, got: list[int], want: list[int]
     _check_valid_from(sim, w, got, combine, diverge)
 
 
+def _oracle(cuda_rt) -> str:
+    """The backend the kernel's picks are compared with: the reference on a GPU; on the emulator,
+    whose tensors are on the CPU, the torch backend, which returns the reference's picks exactly in
+    fp32 (test_torch_backend.py) and is ~50x faster there than the reference's per-step recomputation."""
+    return "torch" if cuda_rt.emu else "reference"
+
+
 def _check_batch(tokens, saliency, got, want, alpha, combine, lengths, case: str) -> None:
     """``got``/``want``: ``[B, k]`` picks in pick order of the same fp32 inputs."""
     for b in range(got.shape[0]):
@@ -155,14 +166,17 @@ CASES = [
 ]
 
 
-@needs_gpu
 @pytest.mark.parametrize("batch,n,d,k,lengths,combine,alpha", CASES)
-def test_matches_reference_fp32(batch, n, d, k, lengths, combine, alpha):
-    tokens, saliency = _data(batch, n, d, seed=n * 31 + k)
-    lens = None if lengths is None else torch.tensor(lengths, device="cuda")
+def test_matches_reference_fp32(cuda_rt, batch, n, d, k, lengths, combine, alpha):
+    dev = cuda_rt.device
+    if cuda_rt.emu and k > 1024:
+        pytest.skip("thousands of greedy steps take minutes on the emulator (GPU only); there N577-kN runs "
+                    "every step and N2881-k128 the multi-chunk paths")
+    tokens, saliency = _data(batch, n, d, seed=n * 31 + k, device=dev)
+    lens = None if lengths is None else torch.tensor(lengths, device=dev)
     kw = dict(combine=combine, lengths=lens, sorted=False)
     got = vtprune.fused_scope_select(tokens, saliency, k, alpha, backend="cuda", **kw)
-    want = vtprune.fused_scope_select(tokens, saliency, k, alpha, backend="reference", **kw)
+    want = vtprune.fused_scope_select(tokens, saliency, k, alpha, backend=_oracle(cuda_rt), **kw)
     assert got.dtype == torch.int64 and got.shape == (batch, k) and got.device == tokens.device
     _check_batch(tokens, saliency, got.cpu(), want.cpu(), alpha, combine, lengths, f"N={n} k={k} {combine} a={alpha}")
     # sorted=True is the ascending form of the same selection
@@ -170,11 +184,11 @@ def test_matches_reference_fp32(batch, n, d, k, lengths, combine, alpha):
     assert torch.equal(asc, got.sort(dim=1).values)
 
 
-@needs_gpu
 @pytest.mark.parametrize("combine", ["mul", "add"])
-def test_prefix_unbatched_and_sorted(combine):
-    tokens, saliency = _data(2, 50, 16, seed=5)
-    lens = torch.tensor([50, 33], device="cuda")
+def test_prefix_unbatched_and_sorted(cuda_rt, combine):
+    dev = cuda_rt.device
+    tokens, saliency = _data(2, 50, 16, seed=5, device=dev)
+    lens = torch.tensor([50, 33], device=dev)
     kw = dict(combine=combine, lengths=lens, backend="cuda")
     picks = vtprune.fused_scope_select(tokens, saliency, 12, 1.0, sorted=False, **kw)
     want = vtprune.fused_scope_select(tokens, saliency, 12, 1.0, combine=combine, lengths=lens, sorted=False, backend="reference")
@@ -189,20 +203,20 @@ def test_prefix_unbatched_and_sorted(combine):
     assert_same_greedy(one.cpu(), picks[1].cpu(), tokens[1, :33].cpu(), saliency[1, :33].cpu(), 1.0, combine)
 
 
-@needs_gpu
 @pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "pick-order"])
 @pytest.mark.parametrize("per_seq_k", [True, False], ids=["k-tensor", "k-int"])
-def test_varlen_matches_reference(per_seq_k, sorted_):
+def test_varlen_matches_reference(cuda_rt, per_seq_k, sorted_):
+    dev = cuda_rt.device
     seqlens = [40, 7, 97, 1, 23, 577]
     g = torch.Generator().manual_seed(11)
-    tokens = torch.randn(sum(seqlens), 16, generator=g).cuda()
-    saliency = torch.rand(sum(seqlens), generator=g).cuda()
-    cu = torch.tensor([0] + list(np.cumsum(seqlens)), dtype=torch.int32, device="cuda")
+    tokens = torch.randn(sum(seqlens), 16, generator=g).to(dev)
+    saliency = torch.rand(sum(seqlens), generator=g).to(dev)
+    cu = torch.tensor([0] + list(np.cumsum(seqlens)), dtype=torch.int32, device=dev)
     ks = [10, 7, 30, 1, 4, 64] if per_seq_k else [1] * len(seqlens)
-    k = torch.tensor(ks, device="cuda") if per_seq_k else 1
+    k = torch.tensor(ks, device=dev) if per_seq_k else 1
     for combine, alpha in (("mul", 1.0), ("add", 2.5)):
         idx, cu_k = vtprune.scope_select_varlen(tokens, saliency, cu, k, alpha, combine=combine, sorted=sorted_, backend="cuda")
-        ref_idx, ref_cu_k = vtprune.scope_select_varlen(tokens, saliency, cu, k, alpha, combine=combine, sorted=sorted_, backend="reference")
+        ref_idx, ref_cu_k = vtprune.scope_select_varlen(tokens, saliency, cu, k, alpha, combine=combine, sorted=sorted_, backend=_oracle(cuda_rt))
         assert idx.dtype == torch.int64 and idx.device == tokens.device
         assert cu_k.dtype == cu.dtype and torch.equal(cu_k.cpu(), ref_cu_k.cpu())
         idx, ref_idx, bounds = idx.cpu(), ref_idx.cpu(), cu.cpu().tolist()
@@ -218,16 +232,16 @@ def test_varlen_matches_reference(per_seq_k, sorted_):
             if got.tolist() != want.tolist():
                 # only a near-tie may make them differ: compare the pick orders
                 order, _ = vtprune.scope_select_varlen(tokens, saliency, cu, k, alpha, combine=combine, sorted=False, backend="cuda")
-                ref_order, _ = vtprune.scope_select_varlen(tokens, saliency, cu, k, alpha, combine=combine, sorted=False, backend="reference")
+                ref_order, _ = vtprune.scope_select_varlen(tokens, saliency, cu, k, alpha, combine=combine, sorted=False, backend=_oracle(cuda_rt))
                 seg = slice(int(cu_k[b]), int(cu_k[b + 1]))
                 _check_image(sim, w, (order.cpu()[seg] - start).tolist(), (ref_order.cpu()[seg] - start).tolist(), combine, f"varlen seq {b}")
 
 
-@needs_gpu
-def test_storage_and_list_paths_agree():
+def test_storage_and_list_paths_agree(cuda_rt):
     """State in the global workspace gives the same bits; a small list only regroups the sums."""
-    tokens, saliency = _data(2, 2881, 32, seed=21)
-    lens = torch.tensor([2881, 2000], device="cuda")
+    dev = cuda_rt.device
+    tokens, saliency = _data(2, 2881, 32, seed=21, device=dev)
+    lens = torch.tensor([2881, 2000], device=dev)
     args = (tokens, saliency, 96, 1.0, "mul", lens, False)
     base = _cuda.scope_select(*args)
     glob = _cuda.scope_select(*args, force_global_state=True)
@@ -241,16 +255,28 @@ def test_storage_and_list_paths_agree():
         sim = np_cosine(tokens[b, :nb].cpu())
         w = np_weights(saliency[b, :nb].cpu(), 1.0)
         _check_image(sim, w, small[b].tolist(), base[b].tolist(), "mul", f"max_list=1024 image {b}")
+    if cuda_rt.emu:
+        # Emulated devices with less opt-in shared memory than H100's take the launcher's other
+        # plans for N = 2881 (state 26 KB, full list 37 KB, tile buffers 17 KB): 64 KiB keeps the
+        # state in shared memory with the 1024-row list, 48 KiB moves it to the workspace, and 16 KiB
+        # fits no plan, which the launcher must report instead of launching.
+        with cuda_rt.emulator.smem_optin(65536):
+            assert torch.equal(_cuda.scope_select(*args), small)
+            assert torch.equal(_cuda.scope_select(*args, force_global_state=True), base)
+        with cuda_rt.emulator.smem_optin(49152):
+            assert torch.equal(_cuda.scope_select(*args), small)
+        with cuda_rt.emulator.smem_optin(16384), pytest.raises(RuntimeError, match="cudaErrorInvalidConfiguration"):
+            _cuda.scope_select(*args)
 
 
-@needs_gpu
 @pytest.mark.parametrize("force_global_state", [False, True], ids=["smem-state", "global-state"])
 @pytest.mark.parametrize("n", [7, 97, 577])
-def test_fp16_similarity_kernel_is_the_greedy_of_the_rounded_S(n, force_global_state):
+def test_fp16_similarity_kernel_is_the_greedy_of_the_rounded_S(cuda_rt, n, force_global_state):
     """The fp16-S instantiation at sizes where the reference can check it: the picks are the exact
     greedy picks of the fp16-rounded similarity (the kernel upcasts every entry exactly)."""
-    tokens, saliency = _data(2, n, 16, seed=n + 3)
-    lens = torch.tensor([n, max(1, n - 5)], device="cuda")
+    dev = cuda_rt.device
+    tokens, saliency = _data(2, n, 16, seed=n + 3, device=dev)
+    lens = torch.tensor([n, max(1, n - 5)], device=dev)
     k = max(1, n - 6)
     for combine, alpha in (("mul", 1.0), ("add", 0.5)):
         got = _cuda.scope_select(
@@ -264,16 +290,16 @@ def test_fp16_similarity_kernel_is_the_greedy_of_the_rounded_S(n, force_global_s
             _check_image(sim16, w, got[b].tolist(), want, combine, f"fp16 S N={n} {combine} image {b}")
 
 
-@needs_gpu
 @pytest.mark.parametrize("lengths", [[4099, 4097], [4099, 1000]], ids=["both-fp16", "mixed-storage"])
-def test_large_n_fp16_path(lengths):
+def test_large_n_fp16_path(cuda_rt, lengths):
     """N > 4096: S in fp16 (a mixed batch runs its short image on fp32 S): valid picks, and the
     coverage objective of the reference's selection."""
+    dev = cuda_rt.device
     n, k = 4099, 16
-    tokens, saliency = _data(2, n, 8, seed=7)
-    lens = torch.tensor(lengths, device="cuda")
+    tokens, saliency = _data(2, n, 8, seed=7, device=dev)
+    lens = torch.tensor(lengths, device=dev)
     got = vtprune.fused_scope_select(tokens, saliency, k, 1.0, lengths=lens, sorted=False, backend="cuda")
-    want = vtprune.fused_scope_select(tokens, saliency, k, 1.0, lengths=lens, sorted=False, backend="reference")
+    want = vtprune.fused_scope_select(tokens, saliency, k, 1.0, lengths=lens, sorted=False, backend=_oracle(cuda_rt))
     for b, nb in enumerate(lengths):
         row = got[b].tolist()
         assert len(set(row)) == k and all(0 <= v < nb for v in row), row
@@ -289,15 +315,15 @@ def test_large_n_fp16_path(lengths):
 # ----------------------------------------------------------------------------- other inputs
 
 
-@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_half_precision_inputs(dtype):
+def test_half_precision_inputs(cuda_rt, dtype):
+    dev = cuda_rt.device
     batch, n, k = 3, 577, 40
-    tokens, saliency = _data(batch, n, 32, seed=3)
-    lens = torch.tensor([577, 97, 300], device="cuda")
+    tokens, saliency = _data(batch, n, 32, seed=3, device=dev)
+    lens = torch.tensor([577, 97, 300], device=dev)
     for combine in ("mul", "add"):
         got = vtprune.fused_scope_select(tokens.to(dtype), saliency.to(dtype), k, 1.0, combine=combine, lengths=lens, backend="cuda")
-        ref = vtprune.fused_scope_select(tokens, saliency, k, 1.0, combine=combine, lengths=lens, backend="reference")
+        ref = vtprune.fused_scope_select(tokens, saliency, k, 1.0, combine=combine, lengths=lens, backend=_oracle(cuda_rt))
         assert got.dtype == torch.int64 and got.shape == (batch, k)
         for b in range(batch):
             row = got[b].tolist()
@@ -308,14 +334,14 @@ def test_half_precision_inputs(dtype):
         assert torch.all(fl_got >= 0.98 * fl_ref), (combine, fl_got, fl_ref)
 
 
-@needs_gpu
-def test_nan_inputs_give_valid_deterministic_picks():
-    tokens, saliency = _data(3, 40, 8, seed=9)
+def test_nan_inputs_give_valid_deterministic_picks(cuda_rt):
+    dev = cuda_rt.device
+    tokens, saliency = _data(3, 40, 8, seed=9, device=dev)
     tokens[0, 3] = float("nan")
     tokens[1, :, 2] = float("inf")  # every token of image 1 normalizes to NaN
     saliency[2, 5:9] = float("nan")
     saliency[0, 7] = float("inf")
-    lens = torch.tensor([40, 40, 30], device="cuda")
+    lens = torch.tensor([40, 40, 30], device=dev)
     for combine in ("mul", "add"):
         kw = dict(combine=combine, lengths=lens, sorted=False, backend="cuda")
         first = vtprune.fused_scope_select(tokens, saliency, 12, 1.0, **kw)
@@ -324,44 +350,44 @@ def test_nan_inputs_give_valid_deterministic_picks():
         for b, row in enumerate(first.tolist()):
             assert len(set(row)) == 12 and all(0 <= v < int(lens[b]) for v in row), (b, row)
     # all scores NaN: the lowest unselected index each step (SPEC §1)
-    nan_sal = torch.full((1, 40), float("nan"), device="cuda")
+    nan_sal = torch.full((1, 40), float("nan"), device=dev)
     picks = vtprune.fused_scope_select(tokens[2:], nan_sal, 6, 1.0, sorted=False, backend="cuda")
     assert picks.tolist() == [[0, 1, 2, 3, 4, 5]]
 
 
-@needs_gpu
-def test_zero_vectors_and_exact_ties():
+def test_zero_vectors_and_exact_ties(cuda_rt):
+    dev = cuda_rt.device
     # Zero tokens: similarity 0 with everything, gain exactly 0, no NaN.
-    tokens, saliency = _data(2, 30, 8, seed=4)
+    tokens, saliency = _data(2, 30, 8, seed=4, device=dev)
     tokens[0, ::3] = 0.0
     tokens[1] = 0.0  # an image of zero vectors: every score ties, lowest index first
     for combine in ("mul", "add"):
         got = vtprune.fused_scope_select(tokens, saliency, 15, 1.0, combine=combine, sorted=False, backend="cuda")
         want = vtprune.fused_scope_select(tokens, saliency, 15, 1.0, combine=combine, sorted=False, backend="reference")
         assert torch.equal(got.cpu(), want.cpu()), (combine, got, want)
-    zero_sal = torch.zeros(2, 30, device="cuda")
+    zero_sal = torch.zeros(2, 30, device=dev)
     got = vtprune.fused_scope_select(tokens, zero_sal, 15, 1.0, sorted=False, backend="cuda")
     assert got[1].tolist() == list(range(15))
 
 
-@needs_gpu
 @pytest.mark.parametrize("n", [53, 1100, 2881])
-def test_ties_across_threads_and_tiles(n):
+def test_ties_across_threads_and_tiles(cuda_rt, n):
     """Every similarity exactly 1: all gains tie (then are all 0); equal scores go to the lowest
     index across threads, warps and column tiles (n > 1024: several candidates per thread)."""
-    tokens = torch.zeros(2, n, 8, device="cuda")
+    dev = cuda_rt.device
+    tokens = torch.zeros(2, n, 8, device=dev)
     tokens[:, :, 0] = 1.0
-    saliency = torch.ones(2, n, device="cuda")
+    saliency = torch.ones(2, n, device=dev)
     saliency[1, n - 13] = 2.0  # image 1: that token first, then the rest by index
     picks = vtprune.fused_scope_select(tokens, saliency, 20, 1.0, sorted=False, backend="cuda")
     assert picks[0].tolist() == list(range(20))
     assert picks[1].tolist() == [n - 13] + list(range(19))
 
 
-@needs_gpu
-def test_padding_contents_are_ignored():
-    tokens, saliency = _data(2, 64, 8, seed=6)
-    lens = torch.tensor([64, 20], device="cuda")
+def test_padding_contents_are_ignored(cuda_rt):
+    dev = cuda_rt.device
+    tokens, saliency = _data(2, 64, 8, seed=6, device=dev)
+    lens = torch.tensor([64, 20], device=dev)
     base = vtprune.fused_scope_select(tokens, saliency, 10, 1.0, lengths=lens, sorted=False, backend="cuda")
     tokens[1, 20:] = float("nan")
     saliency[1, 20:] = 1e30
@@ -369,15 +395,15 @@ def test_padding_contents_are_ignored():
     assert torch.equal(base, dirty)
 
 
-@needs_gpu
-def test_many_images_and_out_of_range_k():
+def test_many_images_and_out_of_range_k(cuda_rt):
     """More images than SMs (the grid-stride loop), and per-image k beyond the length is clamped."""
-    tokens, saliency = _data(300, 33, 8, seed=12)
-    lens = torch.randint(1, 34, (300,), generator=torch.Generator().manual_seed(1)).cuda()
+    dev = cuda_rt.device
+    tokens, saliency = _data(300, 33, 8, seed=12, device=dev)
+    lens = torch.randint(1, 34, (300,), generator=torch.Generator().manual_seed(1)).to(dev)
     got = vtprune.fused_scope_select(tokens, saliency, 1, 1.0, lengths=lens, backend="cuda")
     want = vtprune.fused_scope_select(tokens, saliency, 1, 1.0, lengths=lens, backend="reference")
     assert torch.equal(got, want)  # one pick: the argmax of the initial scores, no drift
-    ks = torch.tensor([50, 0, -3], device="cuda")
+    ks = torch.tensor([50, 0, -3], device=dev)
     out = _cuda.scope_picks(tokens[:3], saliency[:3], ks, 40, 1.0, "mul", lens[:3])
     nb = int(lens[0])
     row = out[0, : min(nb, 40)].tolist()
@@ -390,7 +416,7 @@ def test_many_images_and_out_of_range_k():
 @needs_gpu
 @pytest.mark.parametrize("n", [97, 2881], ids=["N97", "N2881-optin-smem"])
 def test_cuda_graph_capture_and_replay(n):
-    static_x, static_s = _data(2, n, 16, seed=1)
+    static_x, static_s = _data(2, n, 16, seed=1, device="cuda")
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture, as torch recommends
@@ -401,7 +427,7 @@ def test_cuda_graph_capture_and_replay(n):
     with torch.cuda.graph(graph):
         static_out = vtprune.fused_scope_select(static_x, static_s, 10, sorted=False, backend="cuda")
     for seed in (2, 3):
-        x, s = _data(2, n, 16, seed=seed)
+        x, s = _data(2, n, 16, seed=seed, device="cuda")
         static_x.copy_(x)
         static_s.copy_(s)
         graph.replay()
@@ -417,10 +443,10 @@ def test_torch_compile_fullgraph():
         idx = vtprune.fused_scope_select(x, s, 6, 0.5, backend="cuda")
         return idx, vtprune.gather_tokens(x, idx) * 2
 
-    x, s = _data(2, 97, 16, seed=30)
+    x, s = _data(2, 97, 16, seed=30, device="cuda")
     compiled = torch.compile(fn, fullgraph=True)
     for seed in (30, 31):  # new values, same shapes: no stale results
-        x, s = _data(2, 97, 16, seed=seed)
+        x, s = _data(2, 97, 16, seed=seed, device="cuda")
         got, want = compiled(x, s), fn(x, s)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 

@@ -11,9 +11,10 @@ Everything torch-specific (devices, dtypes, allocation, streams) is done here.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 from types import ModuleType
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -83,7 +84,40 @@ def is_available() -> bool:
     return status()[0]
 
 
+# ----------------------------------------------------------------------------- test hook
+
+#: Set only by :func:`_emulated` (tests/cuda_emu): the module the wrappers call instead of vtprune._C.
+_emulation: ModuleType | None = None
+
+
+@contextlib.contextmanager
+def _emulated(module: ModuleType) -> Iterator[None]:
+    """Test hook, not API: inside the block the wrappers (and ``backend="cuda"``) run on ``module``,
+    a CPU build of the same kernels with vtprune._C's interface (tests/cuda_emu), taking CPU
+    tensors where they otherwise require CUDA tensors, and launching on stream 0."""
+    global _emulation
+    if _emulation is not None:
+        raise RuntimeError("vtprune._cuda._emulated is already active")
+    _emulation = module
+    try:
+        yield
+    finally:
+        _emulation = None
+
+
+def _kernel_device_type() -> str:
+    """The device type the kernels take tensors on: "cuda", or "cpu" under :func:`_emulated`."""
+    return "cuda" if _emulation is None else "cpu"
+
+
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(device)``; nothing under :func:`_emulated` (CPU tensors)."""
+    return torch.cuda.device(device) if _emulation is None else contextlib.nullcontext()
+
+
 def _require() -> ModuleType:
+    if _emulation is not None:
+        return _emulation
     usable, reason = status()
     if not usable:
         raise RuntimeError(f"backend='cuda' is not available: {reason}")
@@ -98,7 +132,7 @@ def _check_tokens(tokens: Tensor, rank: int, shape_doc: str) -> None:
         raise ValueError(f"tokens must be {shape_doc}, got shape {list(tokens.shape)}")
     if tokens.dtype not in DTYPE_CODES:
         raise TypeError(f"tokens must be float32, float16 or bfloat16, got {tokens.dtype}")
-    if tokens.device.type != "cuda":
+    if tokens.device.type != _kernel_device_type():
         raise ValueError(f"backend='cuda' needs CUDA tensors, tokens are on {tokens.device}")
 
 
@@ -114,6 +148,9 @@ def _launch(launcher: Callable[..., None], device: torch.device, *args: object, 
     The current stream orders the kernel with the surrounding torch ops (and with CUDA graph
     capture).
     """
+    if _emulation is not None:
+        launcher(*args, 0, **kwargs)
+        return
     with torch.cuda.device(device):
         launcher(*args, torch.cuda.current_stream(device).cuda_stream, **kwargs)
 
@@ -239,7 +276,7 @@ def scope_picks(
 
     plan = scope_storage_groups(n, lengths) if similarity_dtype is None else [(None, n, similarity_dtype)]
     options = dict(force_global_state=bool(force_global_state), max_list=int(max_list))
-    with torch.cuda.device(device):
+    with _on_device(device):
         for rows, width, storage in plan:
             if rows is None:
                 _launch_scope(module, tokens[:, :width], saliency[:, :width], k_per_image, lengths, out, alpha, combine, storage, options)
@@ -341,7 +378,7 @@ def _cuda_float_input(name: str, value: Tensor, ndim: int, shape_doc: str) -> No
         raise TypeError(f"{name} must be a float tensor, got {value.dtype}")
     if value.dim() != ndim:
         raise ValueError(f"{name} must be {shape_doc}, got shape {list(value.shape)}")
-    if value.device.type != "cuda":
+    if value.device.type != _kernel_device_type():
         raise ValueError(f"backend='cuda' needs CUDA tensors, {name} is on {value.device}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -74,8 +75,17 @@ def _status_cached(name: str, interpret: bool) -> BackendStatus:
     return _cuda_status()
 
 
+def _cuda_emulated() -> bool:
+    """True inside ``vtprune._cuda._emulated`` (tests/cuda_emu): backend="cuda" then runs the CUDA
+    kernels on the CPU emulator and takes CPU tensors. Read without importing ``_cuda``."""
+    cuda = sys.modules.get("vtprune._cuda")
+    return cuda is not None and cuda._emulation is not None
+
+
 def status(name: str) -> BackendStatus:
     """Usability of one backend (cached; the interpreter switch is part of the key)."""
+    if name == "cuda" and _cuda_emulated():
+        return BackendStatus(True, "CUDA kernels on the CPU emulator (tests only)")
     return _status_cached(name, triton_interpret())
 
 
@@ -101,7 +111,7 @@ def _device_ok(backend: str, device: torch.device, dtype: torch.dtype | None = N
     """None when ``backend`` can take tensors on ``device`` of ``dtype``, else why not."""
     if backend in ("cuda", "triton") and dtype is not None and dtype not in _KERNEL_DTYPES:
         return f"backend={backend!r} takes float16, bfloat16 or float32 inputs, got {dtype} (use backend='torch')"
-    if backend == "cuda" and device.type != "cuda":
+    if backend == "cuda" and device.type != ("cpu" if _cuda_emulated() else "cuda"):
         return f"backend='cuda' needs CUDA tensors, got tensors on {device}"
     if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and triton_interpret()):
         return f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got tensors on {device}"

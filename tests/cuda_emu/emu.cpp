@@ -1,0 +1,1016 @@
+// CUDA emulator runtime: runs the grid of a launch on the calling CPU thread, block after block;
+// the threads of a block are fibers switched cooperatively, so every run is deterministic.
+//
+// Scheduling. A block's fibers run in sweeps over an order (forward, reverse or a seeded random
+// permutation, redrawn after every __syncthreads): the next fiber to run is the first runnable one
+// after the current position, wrapping around, and it runs until it reaches a rendezvous
+// (__syncthreads, a warp intrinsic) or exits; then it switches straight to the next one. After a
+// __syncthreads the sweep restarts at the top of the order. Two granularities: thread-major (the
+// sweep moves on after every rendezvous, so all warps advance together, one intrinsic at a time)
+// and warp-major (the order keeps each warp's lanes together, and a warp whose intrinsic completes
+// runs again at once, so it races ahead to the next __syncthreads before the next warp starts).
+// A correct kernel gives the same bits under every schedule: a thread that reads shared or
+// global memory another thread writes in the same barrier interval sees a value that depends on
+// the schedule, so comparing runs under two schedules exposes the race. (Thread-major alone
+// hides a read by one warp racing a write that another warp makes only after a few shuffles;
+// warp-major exposes it.) Blocks run in the same order (reversed, shuffled), which exposes
+// inter-block races on global memory the same way.
+//
+// Checks. A rendezvous completes only when every thread of the block (every lane of the warp) is
+// at it; when no fiber can run and some wait, the launch is aborted with the list of who waits
+// where and who exited (what compute-sanitizer's synccheck reports as a barrier error, and what a
+// GPU shows as a hang). __syncthreads reached at different source lines is an error too, as are
+// partial warp masks (not used by vtprune; the emulator refuses them rather than guess).
+// Launch configurations are validated like the CUDA runtime does (block size, grid limits,
+// dynamic shared memory against the kernel's cudaFuncSetAttribute limit and the device's
+// opt-in maximum). Shared memory is allocated per block at its exact size and filled with a
+// poison pattern (NaN for fp32/fp16/bf16, huge for integers), so a read of unwritten shared
+// memory shows up in the results, and out-of-bounds accesses are visible to AddressSanitizer.
+//
+// Not modelled: timing, the weak memory model (fibers see each other's writes at once),
+// intra-warp lockstep (a kernel relying on implicit warp synchronicity is racy on Volta+ anyway),
+// atomics (unused), and the FMA contraction nvcc applies to plain a * b + c (see build.py).
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
+
+#if !defined(__x86_64__)
+#include <ucontext.h>
+#endif
+
+#include "emu_api.h"
+
+namespace emu {
+ThreadState* g_thread = nullptr;
+uint3 g_block_idx{0, 0, 0};
+dim3 g_block_dim;
+dim3 g_grid_dim;
+}  // namespace emu
+
+// ----------------------------------------------------------------------------- context switch
+
+#if defined(__x86_64__)
+// emu_switch(save, to): saves the callee-saved registers on the current stack, stores the stack
+// pointer in *save and continues on the stack `to` (which holds the same frame). MXCSR and the x87
+// control word are not switched: every fiber runs with the launching thread's (kernels cannot
+// change rounding modes), and saving them tripled the cost of a switch. ucontext's swapcontext
+// makes a sigprocmask system call per switch.
+extern "C" void emu_switch(void** save, void* to);
+extern "C" void emu_fiber_start();
+asm(R"(
+  .text
+  .globl emu_switch
+  .hidden emu_switch
+  .type emu_switch, @function
+emu_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_switch, .-emu_switch
+
+  .globl emu_fiber_start
+  .hidden emu_fiber_start
+  .type emu_fiber_start, @function
+emu_fiber_start:
+  movq %r12, %rdi
+  callq *%r13
+  ud2
+  .size emu_fiber_start, .-emu_fiber_start
+)");
+#endif
+
+namespace emu {
+namespace {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr int kMaxThreads = 1024;
+constexpr std::size_t kStaticSmemLimit = 48 * 1024;
+constexpr std::size_t kDefaultDynamicSmem = 48 * 1024;
+constexpr int kDefaultOptin = 232448;  // H100's cudaDevAttrMaxSharedMemoryPerBlockOptin
+constexpr int kMaxDevices = 64;
+
+enum class St : unsigned char { Runnable, AtBarrier, AtWarp, Exited };
+
+struct Fiber : ThreadState {
+  St st = St::Exited;
+  void* sp = nullptr;
+#if !defined(__x86_64__)
+  ucontext_t uc;
+#endif
+  // where the fiber waits (diagnostics) and what it brought to a warp rendezvous
+  const char* file = nullptr;
+  int line = 0;
+  int kind = 0;
+  unsigned mask = 0;
+  void* arg = nullptr;
+  CompleteFn complete = nullptr;
+  char* stack_lo = nullptr;
+};
+
+struct Warp {
+  int lanes = 0;
+  int arrived = 0;
+  int first_pos = 0;  // warp-major schedules: position of the warp's first lane in the order
+};
+
+struct SharedVar {
+  const void* key;
+  void* ptr;
+  std::size_t bytes;
+  const char* name;
+};
+
+enum class Order { Forward = 0, Reverse = 1, Random = 2 };
+
+// ---- configuration and runtime-API state (guarded by g_mutex)
+
+std::mutex g_mutex;
+Order g_order = Order::Forward;
+bool g_warp_major = false;
+std::uint64_t g_seed = 0;
+std::uint32_t g_poison = 0x7fff7fffu;  // NaN as fp32, fp16 and bf16; ~2^31 as int32
+std::size_t g_stack_bytes = EMU_ASAN ? (512u << 10) : (128u << 10);
+std::vector<int> g_device_optin{kDefaultOptin};
+int g_current_device = 0;
+int g_pointer_device = 0;
+std::map<std::pair<int, const void*>, int> g_max_dynamic_smem;  // (device, kernel) -> bytes
+cudaError_t g_last_error = cudaSuccess;
+cudaError_t g_detail_code = cudaSuccess;
+std::string g_detail;
+std::string g_error_string;  // storage for cudaGetErrorString's composed message
+std::uint64_t g_launches = 0;
+std::uint64_t g_switches = 0;
+
+void set_error(cudaError_t code, std::string detail) {
+  if (g_last_error == cudaSuccess) g_last_error = code;
+  g_detail_code = code;
+  g_detail = std::move(detail);
+}
+
+std::string format(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(buf, sizeof(buf), fmt, ap);
+  va_end(ap);
+  return buf;
+}
+
+// ---- the running launch
+
+struct Launch {
+  const char* name = nullptr;
+  const void* kernel = nullptr;
+  void* params = nullptr;
+  Thunk thunk = nullptr;
+  std::size_t dynamic_bytes = 0;
+  std::size_t smem_limit = 0;  // static + dynamic allowed per block (device opt-in maximum)
+
+  int nthreads = 0;
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  std::vector<int> order;   // position -> thread
+  std::vector<int> pos_of;  // thread -> position
+  std::vector<std::uint64_t> runnable;  // bit per position
+  int cursor = -1;          // position of the fiber that runs (or ran last)
+  std::mt19937_64 rng;
+  int n_exited = 0;
+  int n_at_barrier = 0;
+  bool failed = false;
+
+  void* sched_sp = nullptr;
+#if !defined(__x86_64__)
+  ucontext_t sched_uc;
+#endif
+  Fiber* current = nullptr;
+
+  void* dynamic = nullptr;
+  std::vector<SharedVar> statics;
+  std::size_t static_bytes = 0;
+};
+
+Launch* g_launch = nullptr;  // non-null while a grid runs
+
+// Fiber stacks: one mapping, each stack with a PROT_NONE guard page below it, reused by every block.
+struct StackPool {
+  char* base = nullptr;
+  std::size_t stride = 0;
+  int count = 0;
+
+  char* stack(int i) { return base + static_cast<std::size_t>(i) * stride + page(); }
+  static std::size_t page() { return static_cast<std::size_t>(sysconf(_SC_PAGESIZE)); }
+
+  bool reserve(int n) {
+    if (n <= count) return true;
+    if (base != nullptr) munmap(base, stride * count);
+    stride = g_stack_bytes + page();
+    void* p = mmap(nullptr, stride * n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+      base = nullptr;
+      count = 0;
+      return false;
+    }
+    base = static_cast<char*>(p);
+    count = n;
+    for (int i = 0; i < n; ++i) mprotect(base + static_cast<std::size_t>(i) * stride, page(), PROT_NONE);
+    return true;
+  }
+} g_stacks;
+
+void poison(void* p, std::size_t bytes) {
+  unsigned char* b = static_cast<unsigned char*>(p);
+  for (std::size_t i = 0; i < bytes; ++i) b[i] = static_cast<unsigned char>(g_poison >> (8 * (i % 4)));
+}
+
+void* alloc_shared(std::size_t bytes, std::size_t align) {
+  if (align < 16) align = 16;
+  void* p = nullptr;
+  // The exact size (at least 1 byte for a zero-size request), so ASan sees the real end.
+  if (posix_memalign(&p, align, bytes > 0 ? bytes : 1) != 0) return nullptr;
+  poison(p, bytes);
+  return p;
+}
+
+// ---- run queue
+
+void set_runnable(Launch& L, Fiber& f) {
+  f.st = St::Runnable;
+  const int p = L.pos_of[f.linear];
+  L.runnable[p >> 6] |= std::uint64_t{1} << (p & 63);
+}
+
+int first_runnable_from(const Launch& L, int p) {
+  const int words = static_cast<int>(L.runnable.size());
+  for (int w = p >> 6; w < words; ++w) {
+    std::uint64_t bits = L.runnable[w];
+    if (w == (p >> 6)) bits &= ~std::uint64_t{0} << (p & 63);
+    if (bits != 0) return (w << 6) + __builtin_ctzll(bits);
+  }
+  return -1;
+}
+
+// The next fiber of the sweep (the first runnable after the cursor, else a new sweep from the
+// top), taken off the run queue; nullptr when none can run.
+Fiber* take_next(Launch& L) {
+  int p = first_runnable_from(L, L.cursor + 1);
+  if (p < 0) p = first_runnable_from(L, 0);
+  if (p < 0) return nullptr;
+  L.runnable[p >> 6] &= ~(std::uint64_t{1} << (p & 63));
+  L.cursor = p;
+  return &L.fibers[L.order[p]];
+}
+
+void make_order(Launch& L) {
+  const int n = L.nthreads;
+  L.order.resize(n);
+  if (g_warp_major) {
+    // Warps in the order, each warp's lanes together (in the same order).
+    const int nw = static_cast<int>(L.warps.size());
+    std::vector<int> warps(nw), lanes(32);
+    for (int w = 0; w < nw; ++w) warps[w] = g_order == Order::Reverse ? nw - 1 - w : w;
+    if (g_order == Order::Random) std::shuffle(warps.begin(), warps.end(), L.rng);
+    int at = 0;
+    for (int w : warps) {
+      const int count = L.warps[w].lanes;
+      for (int l = 0; l < count; ++l) lanes[l] = g_order == Order::Reverse ? count - 1 - l : l;
+      if (g_order == Order::Random) std::shuffle(lanes.begin(), lanes.begin() + count, L.rng);
+      L.warps[w].first_pos = at;
+      for (int l = 0; l < count; ++l) L.order[at++] = w * 32 + lanes[l];
+    }
+  } else {
+    for (int i = 0; i < n; ++i) L.order[i] = g_order == Order::Reverse ? n - 1 - i : i;
+    if (g_order == Order::Random) std::shuffle(L.order.begin(), L.order.end(), L.rng);
+  }
+  L.pos_of.resize(n);
+  for (int i = 0; i < n; ++i) L.pos_of[L.order[i]] = i;
+}
+
+// ---- switching
+
+#if EMU_ASAN
+// AddressSanitizer must be told about every stack switch (fake stacks and stack bounds).
+const void* g_main_bottom = nullptr;
+std::size_t g_main_size = 0;
+#endif
+
+extern "C" void emu_fiber_main(Fiber* f);
+
+// Continues on `to` (nullptr: the scheduler on the launching thread's stack), saving the running
+// context in `from` (nullptr: the scheduler). Returns when something switches back to `from`.
+void transfer(Launch& L, Fiber* from, Fiber* to) {
+  ++g_switches;
+  L.current = to;
+  g_thread = to;
+#if EMU_ASAN
+  void* fake = nullptr;
+  // A fiber that will never run again (exited, or its launch aborted) passes nullptr, so ASan
+  // releases its fake stack.
+  const bool leaving_for_good = from != nullptr && (from->st == St::Exited || L.failed);
+  __sanitizer_start_switch_fiber(leaving_for_good ? nullptr : &fake, to ? to->stack_lo : g_main_bottom,
+                                 to ? g_stack_bytes : g_main_size);
+#endif
+#if defined(__x86_64__)
+  emu_switch(from ? &from->sp : &L.sched_sp, to ? to->sp : L.sched_sp);
+#else
+  swapcontext(from ? &from->uc : &L.sched_uc, to ? &to->uc : &L.sched_uc);
+#endif
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
+#endif
+}
+
+// From the running fiber, which has just blocked, exited or (re)joined the run queue: run the next
+// fiber of the sweep, or go back to the scheduler when none can run. Returns when this fiber is
+// resumed (at once if it is itself the next one).
+void switch_away(Launch& L) {
+  Fiber* self = L.current;
+  Fiber* next = L.failed ? nullptr : take_next(L);
+  if (next == self) return;
+  transfer(L, self, next);
+}
+
+void init_fiber_stack(Fiber* f) {
+  char* top = f->stack_lo + g_stack_bytes;
+#if EMU_ASAN
+  // An aborted fiber leaves its frames' redzones poisoned on the reused stack.
+  __asan_unpoison_memory_region(f->stack_lo, g_stack_bytes);
+#endif
+#if defined(__x86_64__)
+  // Frame popped by emu_switch: r15, r14, r13, r12, rbx, rbp, return address. emu_fiber_start
+  // is entered by that `ret` with rsp = end (16-byte aligned), so its call keeps the ABI alignment.
+  // Stacks are a page multiple apart, so their tops would all compete for the same cache sets;
+  // staggering them by cache lines spreads a block's hot frames over the sets.
+  const std::uintptr_t color = (static_cast<std::uintptr_t>(f->linear) * 64 * 7) % 8192;
+  std::uintptr_t end = ((reinterpret_cast<std::uintptr_t>(top) - color) & ~std::uintptr_t{15}) - 16;
+  auto* slot = reinterpret_cast<std::uint64_t*>(end - 7 * 8);
+  slot[0] = 0;                                                 // r15
+  slot[1] = 0;                                                 // r14
+  slot[2] = reinterpret_cast<std::uint64_t>(&emu_fiber_main);  // r13: called by emu_fiber_start
+  slot[3] = reinterpret_cast<std::uint64_t>(f);                // r12: its argument
+  slot[4] = 0;                                                 // rbx
+  slot[5] = 0;                                                 // rbp
+  slot[6] = reinterpret_cast<std::uint64_t>(&emu_fiber_start);
+  f->sp = slot;
+#else
+  getcontext(&f->uc);
+  f->uc.uc_stack.ss_sp = f->stack_lo;
+  f->uc.uc_stack.ss_size = g_stack_bytes;
+  f->uc.uc_link = nullptr;
+  makecontext(&f->uc, reinterpret_cast<void (*)()>(&emu_fiber_main), 1, f);  // pointer fits one int arg on LP64 glibc
+  (void)top;
+#endif
+}
+
+// ---- diagnostics
+
+// "0-15,32-47" or "0,2,4,...,62" (an arithmetic progression) for a sorted list of thread ids.
+std::string ranges(const std::vector<int>& ids) {
+  if (ids.size() > 3) {
+    const int step = ids[1] - ids[0];
+    bool progression = step > 1;
+    for (std::size_t i = 2; i < ids.size() && progression; ++i) progression = ids[i] - ids[i - 1] == step;
+    if (progression) return format("%d,%d,...,%d", ids[0], ids[1], ids.back());
+  }
+  std::string out;
+  for (std::size_t i = 0; i < ids.size();) {
+    std::size_t j = i;
+    while (j + 1 < ids.size() && ids[j + 1] == ids[j] + 1) ++j;
+    if (!out.empty()) out += ",";
+    out += ids[i] == ids[j] ? std::to_string(ids[i]) : std::to_string(ids[i]) + "-" + std::to_string(ids[j]);
+    i = j + 1;
+  }
+  return out;
+}
+
+const char* kind_name(int kind);
+
+std::string block_label(const Launch& L) {
+  return format("%s, block (%u,%u,%u)", L.name, g_block_idx.x, g_block_idx.y, g_block_idx.z);
+}
+
+// Who waits where, grouped by (state, site).
+std::string describe_waiters(const Launch& L) {
+  std::map<std::string, std::vector<int>> groups;
+  for (const Fiber& f : L.fibers) {
+    std::string key;
+    switch (f.st) {
+      case St::Exited: key = "exited"; break;
+      case St::Runnable: key = "runnable"; break;
+      case St::AtBarrier: key = format("wait at __syncthreads() %s:%d", f.file, f.line); break;
+      case St::AtWarp: key = format("wait at %s %s:%d", kind_name(f.kind), f.file, f.line); break;
+    }
+    groups[key].push_back(static_cast<int>(f.linear));
+  }
+  std::string out;
+  for (const auto& [key, ids] : groups) {
+    out += format("\n  %zu thread(s) [%s] %s", ids.size(), ranges(ids).c_str(), key.c_str());
+  }
+  return out;
+}
+
+[[noreturn]] void abort_running_fiber(Launch& L, cudaError_t code, const std::string& message) {
+  if (!L.failed) {
+    L.failed = true;
+    set_error(code, message);
+  }
+  transfer(L, L.current, nullptr);
+  std::fprintf(stderr, "cuda_emu: an aborted fiber was resumed\n");
+  std::abort();
+}
+
+Launch& running(const char* what) {
+  if (g_launch == nullptr || g_launch->current == nullptr) {
+    std::fprintf(stderr, "cuda_emu: %s called outside a kernel\n", what);
+    std::abort();
+  }
+  return *g_launch;
+}
+
+// ---- crashes
+
+// An out-of-bounds access in a kernel is a SIGSEGV here (an illegal address on a GPU). Before the
+// process dies, say which kernel, block and thread made it; then the previous handler (Python's
+// faulthandler, ASan's, or the default action) takes over when the access is retried.
+struct sigaction g_previous_segv;
+struct sigaction g_previous_bus;
+bool g_fault_handler_installed = false;
+
+void on_fault(int sig, siginfo_t* info, void*) {
+  const Launch* L = g_launch;
+  if (L != nullptr && L->current != nullptr) {
+    char buf[640];
+    const int n = std::snprintf(buf, sizeof(buf),
+                                "\ncuda_emu: %s at address %p in %s, block (%u,%u,%u), thread %u: an out-of-bounds "
+                                "access (an illegal address on a GPU), or a fiber stack overflow\n",
+                                sig == SIGSEGV ? "SIGSEGV" : "SIGBUS", info->si_addr, L->name, g_block_idx.x,
+                                g_block_idx.y, g_block_idx.z, L->current->linear);
+    if (n > 0) (void)!write(2, buf, static_cast<std::size_t>(std::min<int>(n, sizeof(buf) - 1)));
+  }
+  sigaction(sig, sig == SIGSEGV ? &g_previous_segv : &g_previous_bus, nullptr);
+}
+
+void install_fault_handler() {
+  if (g_fault_handler_installed) return;
+  g_fault_handler_installed = true;
+  // The handler must not run on an overflowed fiber stack: make sure the thread has an alternate
+  // signal stack (Python's faulthandler installs one; otherwise ours).
+  stack_t current{};
+  if (sigaltstack(nullptr, &current) == 0 && (current.ss_flags & SS_DISABLE)) {
+    static char alt[1 << 16];
+    stack_t ss{};
+    ss.ss_sp = alt;
+    ss.ss_size = sizeof(alt);
+    sigaltstack(&ss, nullptr);
+  }
+  struct sigaction sa {};
+  sa.sa_sigaction = &on_fault;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &g_previous_segv);
+  sigaction(SIGBUS, &sa, &g_previous_bus);
+}
+
+// ---- the block scheduler
+
+void run_block(Launch& L, uint3 block) {
+  g_block_idx = block;
+  L.dynamic = alloc_shared(L.dynamic_bytes, 16);
+  L.statics.clear();
+  L.static_bytes = 0;
+  L.n_exited = 0;
+  L.n_at_barrier = 0;
+  L.cursor = -1;
+  L.rng.seed(g_seed * 0x9e3779b97f4a7c15ull + block.x + 0x10000ull * (block.y + 0x10000ull * block.z));
+  for (std::size_t w = 0; w < L.warps.size(); ++w) {
+    L.warps[w].arrived = 0;
+    L.warps[w].lanes = std::min(32, L.nthreads - static_cast<int>(w) * 32);
+  }
+  make_order(L);
+  L.runnable.assign((L.nthreads + 63) / 64, 0);
+  const unsigned bx = g_block_dim.x, by = g_block_dim.y;
+  for (int t = 0; t < L.nthreads; ++t) {
+    Fiber& f = L.fibers[t];
+    f.idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
+    f.linear = t;
+    f.lane = t % 32;
+    f.warp = t / 32;
+    f.stack_lo = g_stacks.stack(t);
+    init_fiber_stack(&f);
+    set_runnable(L, f);
+  }
+
+  // The fibers pass control among themselves and come back here when none can run.
+  if (Fiber* first = take_next(L)) transfer(L, nullptr, first);
+  if (!L.failed && L.n_exited < L.nthreads) {
+    L.failed = true;
+    set_error(cudaErrorLaunchFailure,
+              format("barrier error in %s: no thread can continue (divergent __syncthreads or warp "
+                     "intrinsic, or threads that exited before it):",
+                     block_label(L).c_str()) +
+                  describe_waiters(L));
+  }
+  for (SharedVar& v : L.statics) std::free(v.ptr);
+  L.statics.clear();
+  std::free(L.dynamic);
+  L.dynamic = nullptr;
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------- device side
+
+extern "C" void emu_fiber_main(Fiber* f) {
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
+  Launch& L = *g_launch;
+  try {
+    L.thunk(L.kernel, L.params);
+  } catch (const std::exception& e) {
+    abort_running_fiber(L, cudaErrorLaunchFailure, format("C++ exception in %s: %s", block_label(L).c_str(), e.what()));
+  } catch (...) {
+    abort_running_fiber(L, cudaErrorLaunchFailure, "C++ exception in " + block_label(L));
+  }
+  f->st = St::Exited;
+  ++L.n_exited;
+  switch_away(L);
+  std::fprintf(stderr, "cuda_emu: an exited fiber was resumed\n");
+  std::abort();
+}
+
+namespace {
+const char* kind_name(int kind) {
+  switch (kind) {
+    case kShflXor: return "__shfl_xor_sync";
+    case kShflUp: return "__shfl_up_sync";
+    case kShflDown: return "__shfl_down_sync";
+    case kShflIdx: return "__shfl_sync";
+    case kBallot: return "__ballot_sync";
+    case kSyncwarp: return "__syncwarp";
+    case kWmmaLoad: return "wmma::load_matrix_sync";
+    case kWmmaStore: return "wmma::store_matrix_sync";
+    case kWmmaMma: return "wmma::mma_sync";
+    default: return "warp intrinsic";
+  }
+}
+}  // namespace
+
+const char* collective_name(int kind) { return kind_name(kind); }
+
+void fail(const char* message) {
+  Launch& L = running("emu::fail");
+  const Fiber* f = L.current;
+  abort_running_fiber(L, cudaErrorLaunchFailure,
+                      format("%s, thread %u: %s", block_label(L).c_str(), f->linear, message));
+}
+
+void syncthreads(const char* file, int line) {
+  Launch& L = running("__syncthreads");
+  Fiber* f = L.current;
+  f->st = St::AtBarrier;
+  f->file = file;
+  f->line = line;
+  if (++L.n_at_barrier == L.nthreads) {
+    // Every thread is at a barrier: the same one, or the block diverged.
+    for (const Fiber& o : L.fibers) {
+      if (o.line != line || (o.file != file && std::strcmp(o.file, file) != 0)) {
+        abort_running_fiber(L, cudaErrorLaunchFailure,
+                            format("barrier error in %s: threads wait at different __syncthreads():",
+                                   block_label(L).c_str()) +
+                                describe_waiters(L));
+      }
+    }
+    // A new barrier interval: every thread runnable, the sweep restarts at the top of the order.
+    L.n_at_barrier = 0;
+    if (g_order == Order::Random) make_order(L);
+    for (Fiber& o : L.fibers) set_runnable(L, o);
+    L.cursor = -1;
+  }
+  switch_away(L);
+}
+
+void warp_collective(int kind, unsigned mask, const char* file, int line, void* arg, CompleteFn complete) {
+  Launch& L = running("a warp intrinsic");
+  Fiber* f = L.current;
+  Warp& w = L.warps[f->warp];
+  const unsigned warp_mask = w.lanes == 32 ? kFullMask : ((1u << w.lanes) - 1u);
+  if (mask != warp_mask) {
+    abort_running_fiber(L, cudaErrorLaunchFailure,
+                        format("%s, thread %u: %s at %s:%d with mask 0x%08x; the emulator supports only the "
+                               "mask of every lane of the warp (0x%08x)",
+                               block_label(L).c_str(), f->linear, kind_name(kind), file, line, mask, warp_mask));
+  }
+  f->st = St::AtWarp;
+  f->kind = kind;
+  f->mask = mask;
+  f->file = file;
+  f->line = line;
+  f->arg = arg;
+  f->complete = complete;
+  if (++w.arrived == w.lanes) {
+    Fiber* lanes = &L.fibers[f->warp * 32];
+    void* args[32];
+    for (int l = 0; l < w.lanes; ++l) {
+      if (lanes[l].kind != kind) {
+        abort_running_fiber(L, cudaErrorLaunchFailure,
+                            format("barrier error in %s, warp %u: lanes wait at different warp intrinsics:",
+                                   block_label(L).c_str(), f->warp) +
+                                describe_waiters(L));
+      }
+      args[l] = lanes[l].arg;
+    }
+    w.arrived = 0;
+    complete(args, w.lanes);
+    for (int l = 0; l < w.lanes; ++l) set_runnable(L, lanes[l]);
+    if (g_warp_major) L.cursor = w.first_pos - 1;  // this warp goes on first
+  }
+  switch_away(L);
+}
+
+namespace {
+template <typename Src>
+void complete_shfl(void* const* args, int lanes, Src src_of) {
+  for (int l = 0; l < lanes; ++l) {
+    ShflArg* a = static_cast<ShflArg*>(args[l]);
+    if (a->width != 32) fail("shuffles with width != 32 are not emulated");
+  }
+  for (int l = 0; l < lanes; ++l) {
+    ShflArg* a = static_cast<ShflArg*>(args[l]);
+    const int src = src_of(l, a->param);
+    // Out-of-range sources read the lane's own value (PTX shfl semantics for width 32).
+    a->result = (src >= 0 && src < lanes) ? static_cast<ShflArg*>(args[src])->value : a->value;
+  }
+}
+}  // namespace
+
+void complete_shfl_xor(void* const* args, int lanes) {
+  complete_shfl(args, lanes, [](int l, int p) { return l ^ p; });
+}
+void complete_shfl_up(void* const* args, int lanes) {
+  complete_shfl(args, lanes, [](int l, int p) { return l - p >= 0 ? l - p : l; });
+}
+void complete_shfl_down(void* const* args, int lanes) {
+  complete_shfl(args, lanes, [](int l, int p) { return l + p < 32 ? l + p : l; });
+}
+void complete_shfl_idx(void* const* args, int lanes) {
+  complete_shfl(args, lanes, [](int, int p) { return p & 31; });
+}
+void complete_ballot(void* const* args, int lanes) {
+  std::uint64_t bits = 0;
+  for (int l = 0; l < lanes; ++l) {
+    if (static_cast<ShflArg*>(args[l])->value != 0) bits |= std::uint64_t{1} << l;
+  }
+  for (int l = 0; l < lanes; ++l) static_cast<ShflArg*>(args[l])->result = bits;
+}
+void complete_nothing(void* const*, int) {}
+
+void* block_shared_raw(const void* key, std::size_t bytes, std::size_t align, const char* name) {
+  Launch& L = running("__shared__");
+  for (const SharedVar& v : L.statics) {
+    if (v.key == key) return v.ptr;
+  }
+  L.static_bytes += bytes;
+  if (L.static_bytes > kStaticSmemLimit || L.static_bytes + L.dynamic_bytes > L.smem_limit) {
+    abort_running_fiber(L, cudaErrorLaunchOutOfResources,
+                        format("%s: static shared memory (%zu B so far, with %s) + dynamic (%zu B) exceeds the "
+                               "limits (48 KiB static, %zu B in all)",
+                               block_label(L).c_str(), L.static_bytes, name, L.dynamic_bytes, L.smem_limit));
+  }
+  void* p = alloc_shared(bytes, align);
+  if (p == nullptr) abort_running_fiber(L, cudaErrorMemoryAllocation, "out of host memory for shared memory");
+  L.statics.push_back(SharedVar{key, p, bytes, name});
+  return p;
+}
+
+void* dynamic_shared() { return running("extern __shared__").dynamic; }
+
+void run_launch(const char* name, const void* kernel, const LaunchConfig& c, void* params, Thunk thunk) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  ++g_launches;
+  if (g_launch != nullptr) {
+    set_error(cudaErrorLaunchFailure, format("%s launched from inside a kernel (dynamic parallelism is not emulated)", name));
+    return;
+  }
+  const std::uint64_t threads = std::uint64_t{c.block.x} * c.block.y * c.block.z;
+  if (c.block.x == 0 || c.block.y == 0 || c.block.z == 0 || c.block.x > 1024 || c.block.y > 1024 ||
+      c.block.z > 64 || threads > kMaxThreads) {
+    set_error(cudaErrorInvalidConfiguration,
+              format("%s: block (%u,%u,%u) is not a valid block size", name, c.block.x, c.block.y, c.block.z));
+    return;
+  }
+  if (c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 || c.grid.x > 2147483647u || c.grid.y > 65535u ||
+      c.grid.z > 65535u) {
+    set_error(cudaErrorInvalidConfiguration,
+              format("%s: grid (%u,%u,%u) is not a valid grid size", name, c.grid.x, c.grid.y, c.grid.z));
+    return;
+  }
+  if (c.stream != nullptr) {
+    set_error(cudaErrorInvalidResourceHandle, format("%s: the emulator runs on stream 0 only", name));
+    return;
+  }
+  const int device = g_current_device;
+  std::size_t allowed = kDefaultDynamicSmem;
+  const auto it = g_max_dynamic_smem.find({device, kernel});
+  if (it != g_max_dynamic_smem.end()) allowed = static_cast<std::size_t>(it->second);
+  if (c.smem > allowed) {
+    set_error(cudaErrorInvalidValue,
+              format("%s: %zu B of dynamic shared memory exceed the kernel's limit of %zu B on device %d "
+                     "(raise it with cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize))",
+                     name, c.smem, allowed, device));
+    return;
+  }
+
+  Launch L;
+  L.name = name;
+  L.kernel = kernel;
+  L.params = params;
+  L.thunk = thunk;
+  L.dynamic_bytes = c.smem;
+  L.smem_limit = static_cast<std::size_t>(g_device_optin[device]);
+  L.nthreads = static_cast<int>(threads);
+  L.fibers.resize(L.nthreads);
+  L.warps.resize((L.nthreads + 31) / 32);
+  if (!g_stacks.reserve(kMaxThreads)) {
+    set_error(cudaErrorMemoryAllocation, format("%s: cannot map fiber stacks", name));
+    return;
+  }
+  g_grid_dim = c.grid;
+  g_block_dim = c.block;
+
+  // Blocks in the configured order too: a correct kernel does not depend on it.
+  const std::uint64_t blocks = std::uint64_t{c.grid.x} * c.grid.y * c.grid.z;
+  std::vector<std::uint64_t> block_order;
+  const bool shuffled = g_order == Order::Random;
+  if (shuffled) {
+    if (blocks > (std::uint64_t{1} << 24)) {
+      set_error(cudaErrorInvalidConfiguration, format("%s: too many blocks to shuffle (%llu)", name,
+                                                      static_cast<unsigned long long>(blocks)));
+      return;
+    }
+    block_order.resize(blocks);
+    for (std::uint64_t i = 0; i < blocks; ++i) block_order[i] = i;
+    std::mt19937_64 rng(g_seed ^ 0x5bd1e995ull);
+    std::shuffle(block_order.begin(), block_order.end(), rng);
+  }
+#if EMU_ASAN
+  pthread_attr_t attr;
+  if (pthread_getattr_np(pthread_self(), &attr) == 0) {
+    void* addr = nullptr;
+    pthread_attr_getstack(&attr, &addr, &g_main_size);
+    g_main_bottom = addr;
+    pthread_attr_destroy(&attr);
+  }
+#endif
+  install_fault_handler();
+  g_launch = &L;
+  for (std::uint64_t i = 0; i < blocks && !L.failed; ++i) {
+    const std::uint64_t b = shuffled ? block_order[i] : (g_order == Order::Reverse ? blocks - 1 - i : i);
+    const uint3 idx{static_cast<unsigned>(b % c.grid.x), static_cast<unsigned>((b / c.grid.x) % c.grid.y),
+                    static_cast<unsigned>(b / (std::uint64_t{c.grid.x} * c.grid.y))};
+    run_block(L, idx);
+  }
+  g_launch = nullptr;
+}
+
+}  // namespace emu
+
+// ----------------------------------------------------------------------------- runtime API
+
+using emu::g_mutex;
+
+namespace {
+bool valid_device(int d) { return d >= 0 && d < static_cast<int>(emu::g_device_optin.size()); }
+}  // namespace
+
+cudaError_t cudaGetDeviceCount(int* count) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  *count = static_cast<int>(emu::g_device_optin.size());
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetDevice(int* device) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  *device = emu::g_current_device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaSetDevice(int device) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!valid_device(device)) {
+    emu::set_error(cudaErrorInvalidDevice, emu::format("cudaSetDevice(%d): no such device", device));
+    return cudaErrorInvalidDevice;
+  }
+  emu::g_current_device = device;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int device) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!valid_device(device)) return cudaErrorInvalidDevice;
+  switch (attr) {
+    case cudaDevAttrMaxSharedMemoryPerBlock:
+      *value = static_cast<int>(emu::kStaticSmemLimit);
+      return cudaSuccess;
+    case cudaDevAttrMaxSharedMemoryPerBlockOptin:
+      *value = emu::g_device_optin[device];
+      return cudaSuccess;
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const int device = emu::g_current_device;
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || func == nullptr || value < 0 ||
+      value > emu::g_device_optin[device]) {
+    emu::set_error(cudaErrorInvalidValue,
+                   emu::format("cudaFuncSetAttribute(attr %d, value %d): invalid on device %d (opt-in maximum %d B)",
+                               static_cast<int>(attr), value, device, emu::g_device_optin[device]));
+    return cudaErrorInvalidValue;
+  }
+  emu::g_max_dynamic_smem[{device, func}] = value;
+  return cudaSuccess;
+}
+
+cudaError_t cudaGetLastError(void) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const cudaError_t e = emu::g_last_error;
+  emu::g_last_error = cudaSuccess;
+  return e;
+}
+
+cudaError_t cudaPeekAtLastError(void) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return emu::g_last_error;
+}
+
+const char* cudaGetErrorName(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "cudaSuccess";
+    case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
+    case cudaErrorMemoryAllocation: return "cudaErrorMemoryAllocation";
+    case cudaErrorInitializationError: return "cudaErrorInitializationError";
+    case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorInsufficientDriver: return "cudaErrorInsufficientDriver";
+    case cudaErrorNoDevice: return "cudaErrorNoDevice";
+    case cudaErrorInvalidDevice: return "cudaErrorInvalidDevice";
+    case cudaErrorInvalidResourceHandle: return "cudaErrorInvalidResourceHandle";
+    case cudaErrorIllegalAddress: return "cudaErrorIllegalAddress";
+    case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
+    case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
+    case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+  }
+  return "cudaErrorUnknown";
+}
+
+namespace {
+const char* base_error_string(cudaError_t error) {
+  switch (error) {
+    case cudaSuccess: return "no error";
+    case cudaErrorInvalidValue: return "invalid argument";
+    case cudaErrorMemoryAllocation: return "out of memory";
+    case cudaErrorInitializationError: return "initialization error";
+    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+    case cudaErrorInsufficientDriver: return "CUDA driver version is insufficient for CUDA runtime version";
+    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
+    case cudaErrorInvalidDevice: return "invalid device ordinal";
+    case cudaErrorInvalidResourceHandle: return "invalid resource handle";
+    case cudaErrorIllegalAddress: return "an illegal memory access was encountered";
+    case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
+    case cudaErrorMisalignedAddress: return "misaligned address";
+    case cudaErrorLaunchFailure: return "unspecified launch failure";
+  }
+  return "unknown error";
+}
+}  // namespace
+
+// The real string, plus the emulator's explanation when `error` is the last error it raised.
+const char* cudaGetErrorString(cudaError_t error) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (error != cudaSuccess && error == emu::g_detail_code && !emu::g_detail.empty()) {
+    emu::g_error_string = std::string(base_error_string(error)) + " [cuda_emu: " + emu::g_detail + "]";
+    return emu::g_error_string.c_str();
+  }
+  return base_error_string(error);
+}
+
+cudaError_t cudaPointerGetAttributes(struct cudaPointerAttributes* attributes, const void* ptr) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  // All memory is host memory standing in for device memory of the configured device.
+  attributes->type = cudaMemoryTypeDevice;
+  attributes->device = emu::g_pointer_device;
+  attributes->devicePointer = const_cast<void*>(ptr);
+  attributes->hostPointer = nullptr;
+  return cudaSuccess;
+}
+
+cudaError_t cudaDriverGetVersion(int* version) {
+  *version = 13000;
+  return cudaSuccess;
+}
+
+cudaError_t cudaRuntimeGetVersion(int* version) {
+  *version = 13000;
+  return cudaSuccess;
+}
+
+// ----------------------------------------------------------------------------- control (ctypes)
+
+extern "C" {
+
+// order: 0 forward, 1 reverse, 2 random (seeded); warp_major: see "Scheduling" above. -1 for an
+// unknown order.
+__attribute__((visibility("default"))) int emu_set_order(int order, int warp_major, unsigned long long seed) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (order < 0 || order > 2) return -1;
+  emu::g_order = static_cast<emu::Order>(order);
+  emu::g_warp_major = warp_major != 0;
+  emu::g_seed = seed;
+  return 0;
+}
+
+__attribute__((visibility("default"))) void emu_set_poison(unsigned int word) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  emu::g_poison = word;
+}
+
+// Index of an emulated device whose opt-in shared memory limit is `optin` bytes, added if there is
+// none yet (devices never change once created: the kernels cache the attribute per device).
+// -1 when the device table is full or optin is not positive.
+__attribute__((visibility("default"))) int emu_device_for_optin(int optin) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (optin <= 0) return -1;
+  for (std::size_t d = 0; d < emu::g_device_optin.size(); ++d) {
+    if (emu::g_device_optin[d] == optin) return static_cast<int>(d);
+  }
+  if (emu::g_device_optin.size() >= static_cast<std::size_t>(emu::kMaxDevices)) return -1;
+  emu::g_device_optin.push_back(optin);
+  return static_cast<int>(emu::g_device_optin.size() - 1);
+}
+
+// The device every pointer reports (cudaPointerGetAttributes), i.e. where the data "lives".
+__attribute__((visibility("default"))) int emu_set_pointer_device(int device) {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  if (!valid_device(device)) return -1;
+  emu::g_pointer_device = device;
+  return 0;
+}
+
+__attribute__((visibility("default"))) int emu_current_device() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return emu::g_current_device;
+}
+
+// The explanation of the last error the emulator raised ("" if none).
+__attribute__((visibility("default"))) const char* emu_last_detail() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return emu::g_detail.c_str();
+}
+
+__attribute__((visibility("default"))) void emu_clear_detail() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  emu::g_detail.clear();
+  emu::g_detail_code = cudaSuccess;
+}
+
+// Launches and fiber switches so far (for measuring the emulator's cost).
+__attribute__((visibility("default"))) unsigned long long emu_launch_count() { return emu::g_launches; }
+__attribute__((visibility("default"))) unsigned long long emu_switch_count() { return emu::g_switches; }
+
+__attribute__((visibility("default"))) int emu_asan() { return EMU_ASAN; }
+
+}  // extern "C"
