@@ -73,6 +73,28 @@ def run_cuda_scope_paths() -> int:
     return _report("cuda", checks)
 
 
+def run_cuda_similarity() -> int:
+    """The fused SCOPE similarity (csrc/similarity.cu) at odd sizes: fp16/bf16 tokens, D = 33 (scalar
+    loads, a partial feature chunk) and D = 160 (16-byte loads, three chunks), contiguous and with
+    strided rows, fp32 and fp16 storage. Each S must match the torch path's to within a few fp32
+    ulps (one fp16 rounding more for fp16 storage)."""
+    from vtprune import _cuda
+    from vtprune.similarity import scope_similarity
+
+    checks = []
+    for n in SIZES + (1500,):
+        for dtype in (torch.float16, torch.bfloat16):
+            for d in (33, 160):
+                x, _, _ = _inputs(2, 2 * n, d, dtype, seed=3 * n + d)
+                for name, tokens in (("contiguous", x[:, :n]), ("strided", x[:, ::2])):
+                    for storage, tol in ((torch.float32, 1e-5), (torch.float16, 2.0**-10)):
+                        got = _cuda.scope_similarity(tokens, storage)
+                        want = scope_similarity(tokens, storage)
+                        ok = got.dtype == storage and bool(((got.float() - want.float()).abs().max() <= tol).item())
+                        checks.append((f"scope_similarity N={n} D={d} {dtype} {name} -> {storage}", ok))
+    return _report("cuda", checks)
+
+
 def _report(label: str, checks: list[tuple[str, bool]]) -> int:
     """Print each failed check to stderr and return how many failed."""
     failures = 0
@@ -165,6 +187,7 @@ def main() -> int:
     failures = sum(run(b) for b in backends if vtprune.backends()[b].usable)
     if vtprune.backends()["cuda"].usable:
         failures += run_cuda_scope_paths()
+        failures += run_cuda_similarity()
         failures += run_holov("cuda")
     if args.triton and vtprune.backends()["triton"].usable:
         failures += run_holov("triton")

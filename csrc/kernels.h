@@ -54,6 +54,19 @@ cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const float* wei
                                 int64_t workspace_bytes, int64_t* out, cudaStream_t stream,
                                 bool force_global_state, int64_t max_list);
 
+// ---- SCOPE similarity (csrc/similarity.cu)
+
+// SCOPE's similarity (SPEC §1) in one launch: out[b, i, j] = <x_i, x_j> / (max(|x_i|, 1e-6) *
+// max(|x_j|, 1e-6)), products of the 16-bit inputs accumulated in fp32 (tensor cores from sm_80),
+// norms from the same tiles; fp16 output is rounded once from fp32.
+// tokens: [B, N, D] with element strides (stride_b, stride_n, 1), dtype code 1/2 = fp16/bf16 (fp32
+// tokens are refused: they use the torch path). out: [B, N, N] contiguous, out_dtype code 0/1 =
+// fp32/fp16. Needs N <= kScopeMaxN and B * N * N within int64. Device pointers on one device;
+// `stream` belongs to it. Allocates nothing.
+cudaError_t launch_scope_similarity(const void* tokens, int dtype, int64_t B, int64_t N, int64_t D,
+                                    int64_t stride_b, int64_t stride_n, void* out, int out_dtype,
+                                    cudaStream_t stream);
+
 // ---- HoloV: crop statistics, budgets and per-crop top-k (csrc/holov.cu)
 
 // Crops the workspace is sized for: num_crops if > 0, else SPEC §2's default for N tokens,

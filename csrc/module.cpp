@@ -308,6 +308,38 @@ void crop_topk(std::uintptr_t scores_ptr, int64_t B, int64_t N, std::uintptr_t c
   }
 }
 
+// ---- SCOPE similarity
+
+void scope_similarity(std::uintptr_t tokens_ptr, int dtype, int64_t B, int64_t N, int64_t D,
+                      int64_t stride_b, int64_t stride_n, std::uintptr_t out_ptr, int out_dtype,
+                      std::uintptr_t stream) {
+  if (dtype != static_cast<int>(vtprune::DType::Float16) &&
+      dtype != static_cast<int>(vtprune::DType::BFloat16)) {
+    throw py::value_error(
+        "dtype must be 1 (float16) or 2 (bfloat16) (float32 tokens use the torch path), got " +
+        std::to_string(dtype));
+  }
+  if (out_dtype != static_cast<int>(vtprune::DType::Float32) &&
+      out_dtype != static_cast<int>(vtprune::DType::Float16)) {
+    throw py::value_error("out_dtype must be 0 (float32) or 1 (float16), got " +
+                          std::to_string(out_dtype));
+  }
+  check_scope_sizes(B, N);
+  check_nonnegative("D", D);
+  check_nonnegative("stride_b", stride_b);
+  check_nonnegative("stride_n", stride_n);
+  if (B > 0 && N > 0) {
+    require_ptr("out_ptr", out_ptr);
+    if (D > 0) require_ptr("tokens_ptr", tokens_ptr);
+  }
+  const cudaError_t err = vtprune::launch_scope_similarity(
+      as_ptr<const void>(tokens_ptr), dtype, B, N, D, stride_b, stride_n, as_ptr<void>(out_ptr),
+      out_dtype, reinterpret_cast<cudaStream_t>(stream));
+  if (err != cudaSuccess) {
+    throw std::runtime_error("vtprune._C.scope_similarity: CUDA launch failed: " + describe(err));
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -352,6 +384,14 @@ PYBIND11_MODULE(_C, m) {
         "launch fails.");
 
   // ---- HoloV
+  m.def("scope_similarity", &scope_similarity, py::arg("tokens_ptr"), py::arg("dtype"),
+        py::arg("B"), py::arg("N"), py::arg("D"), py::arg("stride_b"), py::arg("stride_n"),
+        py::arg("out_ptr"), py::arg("out_dtype"), py::arg("stream"),
+        "SCOPE similarity (SPEC §1) in one launch: out[b, i, j] = <x_i, x_j> / (max(|x_i|, 1e-6) "
+        "* max(|x_j|, 1e-6)). tokens: fp16/bf16 (dtype 1/2) [B, N, D] with element strides "
+        "(stride_b, stride_n, 1); out: [B, N, N] contiguous, float32 (out_dtype 0) or float16 "
+        "(1). Device memory on one device; launches on `stream`. Raises RuntimeError if the "
+        "launch fails.");
   m.def("holov_select_workspace_bytes", &holov_select_workspace_bytes, py::arg("B"), py::arg("N"),
         py::arg("k"), py::arg("num_crops"),
         "Bytes of device workspace holov_select needs (num_crops 0 = the per-image default).");

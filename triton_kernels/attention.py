@@ -9,13 +9,13 @@ a group without queries gives zeros. fp16/bf16/fp32 inputs, fp32 math and output
 
 Design (the ``L x L`` attention is never materialized)
 -----------------------------------------------------
-1. ``_lse_kernel``, grid ``(B * Hq, query blocks)``: each program holds a ``[BLOCK_M, d]`` block
+1. ``_lse_kernel``, grid ``(B * Hq, query blocks)``: each program owns a ``[BLOCK_M, d]`` block
    of queries and walks the keys it may see in ``BLOCK_N`` blocks, keeping the running row max
    and sum of exponentials (online softmax) -> row log-sum-exp ``lse [B, Hq, L]`` fp32.
    Causal: only queries ``j >= key_start`` are needed (earlier ones see no reported key) and a
    query block stops at its last query's position.
 2. ``_colsum_kernel``, grid ``(B * Hq, key blocks of [key_start, key_end), group chunks)``: each
-   program holds a ``[d, BLOCK_N]`` block of keys and walks the query blocks (causal: only
+   program owns a ``[d, BLOCK_N]`` block of keys and walks the query blocks (causal: only
    those at or after its first key), recomputes the logits, ``p = exp(logit - lse_row)``, and
    sums ``p`` over the queries of each group into a ``[G_BLK, BLOCK_N]`` accumulator (a static
    loop over the chunk's ``G_BLK <= 8`` groups of ``sum(where(group == g, p, 0), axis=0)``; with
@@ -28,8 +28,18 @@ they are (their products are exact in fp32), fp32 inputs use ``input_precision="
 would round the inputs to 10 mantissa bits). Under the interpreter bf16 tiles are upcast to fp32
 first (its ``tl.dot`` does not read bf16), which gives the same products. Extra memory: ``lse`` (``4 * B * Hq * L`` bytes) and
 the partial sums (``4 * B * Hq * G * (key_end - key_start)`` bytes), never ``O(L^2)``.
-Head dims up to 256 in one tile (``BLOCK_D = next_pow2(d)``, masked), any ``L``; the low-rank
-(ALVTS) form is simply one head of width ``R``.
+Head dims up to 256 (``BLOCK_D = next_pow2(d)``, masked), any ``L``; the low-rank (ALVTS) form
+is simply one head of width ``R``.
+
+Head-dim slices (``BLOCK_K``). 16-bit tiles hold the whole head dim (``BLOCK_K = BLOCK_D``): the
+held query (or key) block is read once per program and the tensor-core dot keeps its operands
+compact. The fp32 ieee dot has no tensor-core path: it is an FMA loop in which each thread keeps
+its rows of one operand and columns of the other over the full reduction length, so whole-d fp32
+tiles spilled 5 to 11 KB per thread at d = 128/256 (ptxas of triton 3.9, sm_80 and sm_90). fp32
+therefore walks the head dim in ``BLOCK_K = 16`` slices (``_sliced_logits``), re-reading both
+operands' slices from memory for every block pair (they stay in L1/L2: the held block is the same
+for the whole walk). The slices feed the dot's accumulator (``tl.dot(a, b, acc)``), so no
+per-slice partial sum is rounded on its own before being added.
 """
 
 from __future__ import annotations
@@ -42,8 +52,28 @@ from torch import Tensor
 __all__ = ["attention_importance"]
 
 _SUPPORTED = (torch.float32, torch.float16, torch.bfloat16)
-_MAX_BLOCK_D = 256  # whole head dim in one tile
+_MAX_BLOCK_D = 256  # largest head dim (BLOCK_D)
 _MAX_G_BLK = 8  # groups per program (static loop); more groups -> a third grid axis
+_FP32_BLOCK_K = 16  # head-dim slice of the fp32 (FMA) dot
+
+
+@triton.jit
+def _sliced_logits(q_rows, m_ok, k_cols, n_ok, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``q . k`` of a ``[BLOCK_M]`` query block and a ``[BLOCK_N]`` key block, fp32 ieee, over
+    ``BLOCK_K``-wide slices of the head dim read from memory (the fp32 path, see the module doc).
+
+    ``q_rows``: ``[BLOCK_M, 1]`` row pointers, ``k_cols``: ``[1, BLOCK_N]`` row pointers of the keys.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    s = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_K):
+        dk = d0 + offs_k
+        d_ok = dk < D
+        qs = tl.load(q_rows + dk[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        ks = tl.load(k_cols + dk[:, None], mask=d_ok[:, None] & n_ok[None, :], other=0.0)
+        # accumulator form: each slice's products go onto the running logits, no per-slice sums
+        s = tl.dot(qs.to(tl.float32), ks.to(tl.float32), s, input_precision="ieee")
+    return s
 
 
 @triton.jit
@@ -68,6 +98,7 @@ def _lse_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # head-dim slice of the dot: BLOCK_D (q held whole) or less (sliced)
 ):
     # (batch, head) on axis 0 (limit 2**31 - 1); the query blocks on axis 1.
     pid_bh = tl.program_id(0)
@@ -84,7 +115,8 @@ def _lse_kernel(
     d_ok = offs_d < D
 
     q_rows = q_ptr + b * sqb + h * sqh + offs_m.to(tl.int64)[:, None] * sql
-    q = tl.load(q_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    if BLOCK_K == BLOCK_D:
+        q = tl.load(q_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = k_ptr + b * skb + kvh * skh
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -96,16 +128,16 @@ def _lse_kernel(
     for n0 in range(0, n_end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < L
-        # the key block read transposed, [BLOCK_D, BLOCK_N]
-        kt = tl.load(
-            k_base + offs_n.to(tl.int64)[None, :] * skl + offs_d[:, None],
-            mask=n_ok[None, :] & d_ok[:, None],
-            other=0.0,
-        )
-        if DOT_FP32:
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        k_cols = k_base + offs_n.to(tl.int64)[None, :] * skl
+        if BLOCK_K == BLOCK_D:
+            # the key block read transposed, [BLOCK_D, BLOCK_N]
+            kt = tl.load(k_cols + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+            if DOT_FP32:
+                s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
         else:
-            s = tl.dot(q, kt)
+            s = _sliced_logits(q_rows, m_ok, k_cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K)
         s = s * scale
         valid = n_ok[None, :]
         if CAUSAL:
@@ -149,6 +181,7 @@ def _colsum_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # head-dim slice of the dot: BLOCK_D (k held whole) or less (sliced)
     G_BLK: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -167,11 +200,9 @@ def _colsum_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
 
-    kt = tl.load(
-        k_ptr + b * skb + kvh * skh + offs_n.to(tl.int64)[None, :] * skl + offs_d[:, None],
-        mask=n_ok[None, :] & d_ok[:, None],
-        other=0.0,
-    )
+    k_cols = k_ptr + b * skb + kvh * skh + offs_n.to(tl.int64)[None, :] * skl
+    if BLOCK_K == BLOCK_D:
+        kt = tl.load(k_cols + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
     q_base = q_ptr + b * sqb + h * sqh
     lse_row = lse_ptr + pid_bh.to(tl.int64) * L
     grp_row = grp_ptr + b * L
@@ -185,17 +216,18 @@ def _colsum_kernel(
     for m0 in range(m_begin, L, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         m_ok = offs_m < L
-        q = tl.load(
-            q_base + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :],
-            mask=m_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        )
+        q_rows = q_base + offs_m.to(tl.int64)[:, None] * sql
+        if BLOCK_K == BLOCK_D:
+            q = tl.load(q_rows + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
         grp = tl.load(grp_row + offs_m, mask=m_ok, other=-1)
         lse = tl.load(lse_row + offs_m, mask=m_ok, other=0.0)
-        if DOT_FP32:
-            s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+        if BLOCK_K == BLOCK_D:
+            if DOT_FP32:
+                s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
         else:
-            s = tl.dot(q, kt)
+            s = _sliced_logits(q_rows, m_ok, k_cols, n_ok, D, BLOCK_M, BLOCK_N, BLOCK_K)
         s = s * scale
         valid = m_ok[:, None] & n_ok[None, :]
         if CAUSAL:
@@ -241,17 +273,22 @@ def _check_inputs(q: Tensor, k: Tensor, query_groups: Tensor) -> None:
     )
 
 
-def _blocks(block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) keeping the held [BLOCK, d] tile within registers."""
+def _blocks(block_d: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps) keeping every tile within registers.
+
+    16-bit: the whole head dim in one slice (``BLOCK_K = BLOCK_D``), held for the whole walk.
+    fp32: the FMA dot holds each thread's operand rows and columns over the whole slice, so the
+    head dim goes in 16-wide slices; 8 warps share the 64 x 64 logits tile. On triton 3.9's
+    ptxas this spills nothing for head dims 64 to 256 on sm_80 and sm_90, where whole-d tiles
+    spilled 5 to 11 KB per thread.
+    """
     if dtype == torch.float32:
-        if block_d <= 64:
-            return 64, 64, 4
-        if block_d <= 128:
-            return 32, 64, 4
-        return 32, 32, 4
+        if block_d <= _FP32_BLOCK_K:
+            return 64, 64, block_d, 4
+        return 64, 64, _FP32_BLOCK_K, 8
     if block_d <= 128:
-        return 64, 64, 4
-    return 64, 32, 4
+        return 64, 64, block_d, 4
+    return 64, 32, block_d, 4
 
 
 def attention_importance(
@@ -305,7 +342,7 @@ def attention_importance(
         k = k.contiguous()
 
     block_d = max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
-    bm, bn, warps = _blocks(block_d, q.dtype)
+    bm, bn, bk, warps = _blocks(block_d, q.dtype)
     bm = blocks.pop("block_m", bm)
     bn = blocks.pop("block_n", bn)
     if blocks:
@@ -327,7 +364,9 @@ def attention_importance(
     part = torch.empty((batch, hq, num_groups, width), device=device, dtype=torch.float32)
     q_strides = (q.stride(0), q.stride(1), q.stride(2))
     k_strides = (k.stride(0), k.stride(1), k.stride(2))
-    meta = dict(CAUSAL=causal, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, num_warps=warps)
+    meta = dict(
+        CAUSAL=causal, DOT_FP32=dot_fp32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_K=bk, num_warps=warps
+    )
     grid1 = (batch * hq, triton.cdiv(length - q_begin, bm))
     grid2 = (batch * hq, triton.cdiv(width, bn), triton.cdiv(num_groups, g_blk))
 

@@ -706,8 +706,9 @@ def _pair_blocks(count: int, block_c: int | None, block_t: int | None) -> tuple[
 
 
 def _launch(device: torch.device, kernel, grid, *args, **meta) -> None:
-    if device.type == "cuda":
-        # Triton launches on torch's current device/stream; make that the tensors' device.
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton launches on torch's current device/stream; make that the tensors' device (only
+        # when it is not already: the switch costs the host microseconds per call).
         with torch.cuda.device(device):
             kernel[grid](*args, **meta)
     else:

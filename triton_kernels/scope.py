@@ -22,7 +22,8 @@ Design
      image at N = 16384); the torch path (fp32 tokens) adds one fp32 row block and the fp32
      normalized tokens (``4 * B * N * D``), the fused kernel (16-bit tokens) nothing. The
      kernel upcasts every load, so all the arithmetic below stays fp32 and the picks are the greedy picks of the rounded S (see docs/semantics.md).
-   The scratch rows of step 2 add ``21 * B * N`` bytes.
+   The scratch rows of step 2 add ``24 * B * N`` bytes (``N`` rounded up to a multiple of 4), in one
+   zeroed allocation.
 2. One persistent launch, ``grid = (B,)``: program ``b`` runs every greedy step of image ``b``.
    Its state lives in small global scratch rows (L2-resident): gains ``[N]`` fp32, coverage ``[N]``
    fp32, a selected flag ``[N]`` int8 and a list of the rows whose coverage changed in the current
@@ -62,8 +63,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vtprune._varlen import bind_scope_picks, select_batched, select_packed
-from vtprune.similarity import saliency_weights, scope_similarity, scope_storage_groups
+from vtprune._dispatch import constant_index, saliency_weights_f32
+from vtprune._validation import as_int64_on
+from vtprune._varlen import bind_scope_picks, select_packed
+from vtprune.similarity import scope_similarity, scope_storage_groups
 from vtprune.triton_kernels._common import check_float, interpreted
 from vtprune.triton_kernels.similarity import scope_similarity as fused_similarity
 
@@ -270,10 +273,9 @@ def scope_picks(
     out = torch.empty(batch, k_max, dtype=torch.int64, device=device)
     if batch == 0 or n == 0 or k_max == 0:
         return out
-    if lengths is None:
-        lengths = torch.full((batch,), n, dtype=torch.int64, device=device)
-    lengths = lengths.to(device=device, dtype=torch.int64).contiguous()
-    k_per_image = k_per_image.to(device=device, dtype=torch.int64).contiguous()
+    # no-op conversions are skipped: each would still cost a dispatch on the host
+    lengths = constant_index(batch, n, device) if lengths is None else as_int64_on(lengths, device).contiguous()
+    k_per_image = as_int64_on(k_per_image, device).contiguous()
 
     if similarity_dtype is None:
         plan = scope_storage_groups(n, lengths)
@@ -281,7 +283,8 @@ def scope_picks(
         plan = [(None, n, similarity_dtype)]
     for rows, width, storage in plan:
         if rows is None:
-            _launch(tokens[:, :width], saliency[:, :width], k_per_image, lengths, out, alpha, combine, storage, block_u, block_v)
+            x, sal = (tokens, saliency) if width == n else (tokens[:, :width], saliency[:, :width])
+            _launch(x, sal, k_per_image, lengths, out, alpha, combine, storage, block_u, block_v)
         else:
             # images of the other storage run separately, each group padded only to its own width
             r = rows.to(device)
@@ -314,22 +317,27 @@ def _launch(
         sim = fused_similarity(tokens, storage)
     else:
         sim = scope_similarity(tokens, storage)
-    w = saliency_weights(saliency, alpha).to(device=device, dtype=torch.float32).contiguous()
+    w = saliency_weights_f32(saliency, alpha)
 
-    gain = torch.empty(batch, n, dtype=torch.float32, device=device)
-    cover = torch.zeros(batch, n, dtype=torch.float32, device=device)
-    selected = torch.zeros(batch, n, dtype=torch.int8, device=device)
-    list_u = torch.empty(batch, n, dtype=torch.int32, device=device)
-    list_lo = torch.empty(batch, n, dtype=torch.float32, device=device)
-    list_hi = torch.empty(batch, n, dtype=torch.float32, device=device)
+    # The six scratch rows in one zeroed allocation instead of six (each costs the host a call;
+    # zeroing the rows that need no zeros costs the device one memset of 24 * B * N bytes). The
+    # kernel takes each as a flat [B * N] row block (element b * N + i), so a plane of [B, N_pad]
+    # 4-byte words holds any of them (the int8 flags in its first quarter); N_pad, a multiple of
+    # 4, keeps every plane 16-byte aligned as separate allocations were.
+    n_pad = (n + 3) // 4 * 4
+    cover, selected, gain, list_lo, list_hi, list_u = torch.zeros(
+        6, batch, n_pad, dtype=torch.float32, device=device
+    ).unbind(0)
+    selected, list_u = selected.view(torch.int8), list_u.view(torch.int32)
 
     bu = block_u or _pow2_block(n, _BLOCK_U)
     bv = block_v or _pow2_block(n, _BLOCK_V)
     k_max = out.shape[1]
     args = (sim, w, lengths, k_per_image, gain, cover, selected, list_u, list_lo, list_hi, out, n, k_max)
     meta = dict(MUL=combine == "mul", BLOCK_U=bu, BLOCK_V=bv, BIG=_BIG, num_warps=_NUM_WARPS)
-    if device.type == "cuda":
-        # Triton launches on torch's current device/stream; make that the tensors' device.
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        # Triton launches on torch's current device/stream; make that the tensors' device (only
+        # when it is not already: the switch costs the host microseconds per call).
         with torch.cuda.device(device):
             _scope_greedy_kernel[(batch,)](*args, **meta)
     else:
@@ -348,7 +356,10 @@ def scope_select(
 ) -> Tensor:
     """SCOPE (SPEC §1) on ``[B, N, D]`` tokens: int64 ``[B, k]``, ascending or in pick order."""
     _check_tokens(tokens, 3, "[B, N, D]")
-    return select_batched(tokens, saliency, k, lengths, sorted, bind_scope_picks(scope_picks, alpha, combine, blocks))
+    k = int(k)
+    # select_batched's work without its per-call fill of the k tensor (a cached constant here)
+    picks = scope_picks(tokens, saliency, constant_index(tokens.shape[0], k, tokens.device), k, alpha, combine, lengths, **blocks)
+    return picks.sort(dim=1).values if sorted else picks
 
 
 def scope_select_varlen(

@@ -9,12 +9,13 @@ input:
     S[i, j] = <x_i, x_j> / (max(|x_i|, 1e-6) * max(|x_j|, 1e-6))
 
 Program ``(m, n, b)`` owns the ``BLOCK_M x BLOCK_N`` tile of image ``b``. It walks the feature dim
-in ``BLOCK_K`` chunks; each chunk's products go to the tensor cores in the input dtype (products of
-16-bit values are exact in fp32, accumulated in fp32), and the squared norms of the tile's row and
-column tokens are summed in fp32 from the same loaded chunks, so the norms cost no extra pass. The
-epilogue divides by the clamped norms and stores fp32, or fp16 (rounded once from fp32) when the
-caller asks for 16-bit storage (images above ``SCOPE_FP32_MAX_N`` tokens): ``2 * B * N**2`` bytes
-then, and nothing else of size ``N**2``.
+in ``BLOCK_K`` chunks (64; 16 when the row stride is not a multiple of 16 elements); each chunk's
+products go to the tensor cores in the input dtype (products of 16-bit values are exact in fp32,
+accumulated in fp32), and the squared norms of the tile's row and column tokens are summed in fp32
+from the same loaded chunks, so the norms cost no extra pass. The epilogue divides by the clamped
+norms and stores fp32, or fp16 (rounded once from fp32) when the caller asks for 16-bit storage
+(images above ``SCOPE_FP32_MAX_N`` tokens): ``2 * B * N**2`` bytes then, and nothing else of size
+``N**2``.
 
 Compared with the torch path the products are summed in another order and the division comes
 after the sum instead of before, so entries differ from the reference's by a few fp32 ulps; that
@@ -38,6 +39,11 @@ __all__ = ["scope_similarity"]
 _BLOCK_M = 64
 _BLOCK_N = 64
 _BLOCK_K = 64
+# Rows whose stride is not a multiple of 16 elements (D = 8, 40, 130, ...) are not known to be
+# aligned, so the compiler loads them element by element; such 64-wide chunks spilled ~400 bytes
+# per thread (bf16, D = 8, triton 3.9's ptxas on sm_80/sm_90), 16-wide ones spill nothing. Real
+# hidden sizes keep _BLOCK_K.
+_UNALIGNED_BLOCK_K = 16
 _NUM_WARPS = 4
 
 
@@ -135,7 +141,7 @@ def scope_similarity(tokens: Tensor, storage: torch.dtype | None = None) -> Tens
         DOT_FP32=_is_interpreted() and tokens.dtype == torch.bfloat16,
         BLOCK_M=_BLOCK_M,
         BLOCK_N=_BLOCK_N,
-        BLOCK_K=_BLOCK_K,
+        BLOCK_K=_BLOCK_K if tokens.stride(1) % 16 == 0 else _UNALIGNED_BLOCK_K,
         num_warps=_NUM_WARPS,
     )
     if tokens.device.type == "cuda":

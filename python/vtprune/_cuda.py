@@ -19,11 +19,13 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ._varlen import bind_scope_picks, select_batched, select_packed
-from .similarity import saliency_weights, scope_similarity, scope_storage_groups
+from ._dispatch import constant_index as _constant_index, saliency_weights_f32 as _weights_f32
+from ._varlen import bind_scope_picks, select_packed
+from . import similarity as _similarity
+from .similarity import scope_similarity_dtype, scope_storage_groups
 
 __all__ = ["status", "is_available", "coverage_max_sim", "DTYPE_CODES"]
-__all__ += ["scope_picks", "scope_select", "scope_select_varlen"]
+__all__ += ["scope_similarity", "scope_picks", "scope_select", "scope_select_varlen"]
 
 #: dtype codes understood by vtprune._C (csrc/common.cuh, enum DType)
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -111,8 +113,16 @@ def _kernel_device_type() -> str:
 
 
 def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
-    """``torch.cuda.device(device)``; nothing under :func:`_emulated` (CPU tensors)."""
-    return torch.cuda.device(device) if _emulation is None else contextlib.nullcontext()
+    """``torch.cuda.device(device)``; nothing under :func:`_emulated` (CPU tensors) or when
+    ``device`` is already the current one (the usual case; switching costs the host microseconds)."""
+    if _emulation is not None or device.index == _current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
+def _current_device() -> int:
+    """torch's current CUDA device; CUDA is initialized, since the caller holds CUDA tensors."""
+    return torch._C._cuda_getDevice()
 
 
 def _require() -> ModuleType:
@@ -151,8 +161,20 @@ def _launch(launcher: Callable[..., None], device: torch.device, *args: object, 
     if _emulation is not None:
         launcher(*args, 0, **kwargs)
         return
+    if device.index == _current_device():
+        launcher(*args, _raw_stream(device.index), **kwargs)
+        return
     with torch.cuda.device(device):
-        launcher(*args, torch.cuda.current_stream(device).cuda_stream, **kwargs)
+        launcher(*args, _raw_stream(device.index), **kwargs)
+
+
+def _raw_stream_public(index: int) -> int:
+    return torch.cuda.current_stream(index).cuda_stream
+
+
+#: torch's current stream of a device as an integer handle. The private getter (what Triton and
+#: Inductor use) skips building a ``torch.cuda.Stream`` object, a few microseconds per launch.
+_raw_stream: Callable[[int], int] = getattr(torch._C, "_cuda_getCurrentRawStream", _raw_stream_public)
 
 
 def _as_index_tensor(name: str, value: Tensor, shape: str, ndim: int, batch: int, device: torch.device) -> Tensor:
@@ -163,7 +185,9 @@ def _as_index_tensor(name: str, value: Tensor, shape: str, ndim: int, batch: int
         raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
     if value.dim() != ndim or value.shape[0] != batch:
         raise ValueError(f"{name} must have shape {shape}, got {list(value.shape)}")
-    return value.to(device=device, dtype=torch.int64).contiguous()
+    if value.dtype != torch.int64 or value.device != device:  # else a no-op, but a dispatched one
+        value = value.to(device=device, dtype=torch.int64)
+    return value.contiguous()
 
 
 def coverage_max_sim(tokens: Tensor, indices: Tensor, lengths: Tensor | None = None) -> Tensor:
@@ -212,6 +236,43 @@ def coverage_max_sim(tokens: Tensor, indices: Tensor, lengths: Tensor | None = N
 
 #: Storage dtypes of the SCOPE similarity S understood by vtprune._C.scope_greedy.
 _SIM_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1}
+#: Token dtypes whose S is built by vtprune._C.scope_similarity; float32 tokens keep the torch path.
+_FUSED_SIM_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def scope_similarity(tokens: Tensor, storage: torch.dtype | None = None) -> Tensor:
+    """``[B, N, N]`` SCOPE similarity of 16-bit ``tokens [B, N, D]`` in one launch (csrc/similarity.cu).
+
+    The contract of :func:`vtprune.similarity.scope_similarity`: the same formula and the same
+    storage rule (``storage=None`` is float32 up to ``SCOPE_FP32_MAX_N`` tokens, float16 above), for
+    float16/bfloat16 CUDA tokens. Products run on tensor cores in the input dtype with fp32
+    accumulation and the norms come from the same tiles, so entries agree with the torch path to a
+    few fp32 ulps (tests/test_cuda_similarity.py). Strided rows are read in place; only a last
+    stride other than 1 costs a contiguous copy.
+
+    Returns:
+        A contiguous ``[B, N, N]`` tensor of dtype ``storage`` on ``tokens.device``.
+
+    Raises:
+        RuntimeError: ``backend='cuda' is not available: <reason>``, or the CUDA launch error.
+        TypeError: ``tokens`` is not float16/bfloat16 (float32 tokens use the torch path).
+        ValueError: wrong rank, device or ``storage``.
+    """
+    module = _require()
+    _check_tokens(tokens, 3, "[B, N, D]")
+    if tokens.dtype not in _FUSED_SIM_DTYPES:
+        raise TypeError(f"tokens must be float16 or bfloat16 (float32 uses the torch path), got {tokens.dtype}")
+    batch, n, _ = tokens.shape
+    storage = storage or scope_similarity_dtype(n)
+    if storage not in _SIM_CODES:
+        raise ValueError(f"storage must be torch.float32 or torch.float16, got {storage}")
+    if tokens.stride(-1) != 1:
+        tokens = tokens.contiguous()
+    out = torch.empty(batch, n, n, dtype=storage, device=tokens.device)
+    if batch == 0 or n == 0:
+        return out
+    _launch(module.scope_similarity, tokens.device, *_token_args(tokens), out.data_ptr(), _SIM_CODES[storage])
+    return out
 
 
 def scope_picks(
@@ -229,9 +290,11 @@ def scope_picks(
 ) -> Tensor:
     """SCOPE greedy picks (SPEC §1) in pick order on the CUDA kernel: int64 ``[B, k_max]``.
 
-    The similarity S is built in torch (:func:`vtprune.similarity.scope_similarity`: fp32 for an
-    image of up to 4096 tokens, fp16 above, decided by each image's own length), then one launch
-    per storage kind runs every greedy step of every image (csrc/scope.cu).
+    The similarity S is stored in fp32 for an image of up to 4096 tokens and in fp16 above, decided
+    by each image's own length. It is built by :func:`scope_similarity` (one launch) for 16-bit
+    tokens and in torch (:func:`vtprune.similarity.scope_similarity`, bitwise the reference) for
+    fp32 tokens; then one launch per storage kind runs every greedy step of every image
+    (csrc/scope.cu).
 
     Args:
         tokens: ``[B, N, D]`` float32/float16/bfloat16 CUDA tensor.
@@ -270,7 +333,7 @@ def scope_picks(
     if batch == 0 or n == 0 or k_max == 0:
         return out
     if lengths is None:
-        lengths = torch.full((batch,), n, dtype=torch.int64, device=device)
+        lengths = _constant_index(batch, n, device)
     else:
         lengths = _as_index_tensor("lengths", lengths, f"[B={batch}]", 1, batch, device)
 
@@ -279,7 +342,9 @@ def scope_picks(
     with _on_device(device):
         for rows, width, storage in plan:
             if rows is None:
-                _launch_scope(module, tokens[:, :width], saliency[:, :width], k_per_image, lengths, out, alpha, combine, storage, options)
+                # slicing the full width would dispatch two no-op views
+                x, sal = (tokens, saliency) if width == n else (tokens[:, :width], saliency[:, :width])
+                _launch_scope(module, x, sal, k_per_image, lengths, out, alpha, combine, storage, options)
             else:
                 # the images of the other storage kind run on their own, padded to their own width
                 r = rows.to(device)
@@ -304,8 +369,11 @@ def _launch_scope(
     """One launch over ``tokens [B, N, D]`` with S stored as ``storage``; fills ``out [B, k_max]``."""
     batch, n, _ = tokens.shape
     device = tokens.device
-    sim = scope_similarity(tokens, storage)  # [B, N, N] contiguous
-    w = saliency_weights(saliency, alpha).to(device=device, dtype=torch.float32).contiguous()
+    if tokens.dtype in _FUSED_SIM_DTYPES:
+        sim = scope_similarity(tokens, storage)  # [B, N, N] contiguous
+    else:
+        sim = _similarity.scope_similarity(tokens, storage)
+    w = _weights_f32(saliency, alpha)
     # Allocated here with torch, not in the launcher, so the op can be captured in a CUDA graph.
     workspace = torch.empty(module.scope_workspace_bytes(batch, n), dtype=torch.uint8, device=device)
     _launch(
@@ -342,7 +410,10 @@ def scope_select(
     ``options`` are the test knobs of :func:`scope_picks`.
     """
     _check_tokens(tokens, 3, "[B, N, D]")
-    return select_batched(tokens, saliency, k, lengths, sorted, bind_scope_picks(scope_picks, alpha, combine, options))
+    k = int(k)
+    # select_batched's work without its per-call fill of the k tensor (a cached constant here)
+    picks = scope_picks(tokens, saliency, _constant_index(tokens.shape[0], k, tokens.device), k, alpha, combine, lengths, **options)
+    return picks.sort(dim=1).values if sorted else picks
 
 
 def scope_select_varlen(
@@ -426,7 +497,7 @@ def holov_select(
         raise ValueError(f"attn must have shape [B={B}, N={N}], got {list(attn.shape)}")
     if rank_by not in ("attn", "score"):
         raise ValueError(f"rank_by must be 'attn' or 'score', got {rank_by!r}")
-    a32 = attn.to(device=device, dtype=torch.float32).contiguous()
+    a32 = (attn if attn.dtype == torch.float32 and attn.device == device else attn.to(device=device, dtype=torch.float32)).contiguous()
     if lengths is not None:
         lengths = _as_index_tensor("lengths", lengths, f"[B={B}]", 1, B, device)
     k = int(k)
@@ -468,7 +539,7 @@ def crop_budgets(weights: Tensor, k: int, capacity: Tensor) -> Tensor:
     _cuda_float_input("weights", weights, 2, "[B, C]")
     B, C = weights.shape
     device = weights.device
-    w32 = weights.to(torch.float32).contiguous()
+    w32 = (weights if weights.dtype == torch.float32 else weights.to(torch.float32)).contiguous()
     cap = _as_index_tensor("capacity", capacity, f"[B={B}, C={C}]", 2, B, device)
     if cap.shape[1] != C:
         raise ValueError(f"capacity must have shape [B={B}, C={C}], got {list(capacity.shape)}")
@@ -499,7 +570,7 @@ def crop_topk(scores: Tensor, crop_sizes: Tensor, budgets: Tensor, k: int, sorte
     _cuda_float_input("scores", scores, 2, "[B, N]")
     B, N = scores.shape
     device = scores.device
-    s32 = scores.to(torch.float32).contiguous()
+    s32 = (scores if scores.dtype == torch.float32 else scores.to(torch.float32)).contiguous()
     sizes = _as_index_tensor("crop_sizes", crop_sizes, f"[B={B}, C]", 2, B, device)
     q = _as_index_tensor("budgets", budgets, f"[B={B}, C]", 2, B, device)
     if sizes.shape != q.shape:

@@ -66,13 +66,34 @@ def _cuda_status() -> BackendStatus:
     return BackendStatus(usable, reason)
 
 
-@lru_cache(maxsize=None)
-def _status_cached(name: str, interpret: bool) -> BackendStatus:
+def _compute_status(name: str, interpret: bool) -> BackendStatus:
     if name in ("reference", "torch"):
         return BackendStatus(True, "pure PyTorch, any device")
     if name == "triton":
         return _triton_status()
     return _cuda_status()
+
+
+class _StatusMemo:
+    """Memo of :func:`_compute_status` by ``(name, interpret)``, like ``functools.lru_cache``, except
+    that :meth:`cache_clear` also drops the cached resolutions of :func:`resolve` built on it."""
+
+    def __init__(self) -> None:
+        self._memo: dict[tuple[str, bool], BackendStatus] = {}
+
+    def __call__(self, name: str, interpret: bool) -> BackendStatus:
+        key = (name, interpret)
+        st = self._memo.get(key)
+        if st is None:
+            st = self._memo[key] = _compute_status(name, interpret)
+        return st
+
+    def cache_clear(self) -> None:
+        self._memo.clear()
+        _RESOLVED.clear()
+
+
+_status_cached = _StatusMemo()
 
 
 def _cuda_emulated() -> bool:
@@ -118,12 +139,36 @@ def _device_ok(backend: str, device: torch.device, dtype: torch.dtype | None = N
     return None
 
 
+#: ``resolve``'s answers, keyed by everything they depend on (see :func:`resolve`). Only successful
+#: resolutions are kept: an error is raised afresh each time, with its current reason.
+_RESOLVED: dict[tuple, tuple[str, dict[str, Callable]]] = {}
+
+
 def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, Callable]:
     """The backend name and implementation that run ``op`` for tensors on ``device``.
 
     An explicit backend that cannot run raises ``RuntimeError`` saying why; there is no
     silent fallback. ``"auto"`` takes the fastest usable backend implementing ``op``.
+
+    Answers are cached (this runs on every call of every op): the key holds the device type,
+    the dtype and the two switches a resolution can depend on besides them, the Triton
+    interpreter and the CUDA emulator of the tests; the value is the backend's name and op table,
+    so the implementation is read from the table on every call. Clearing the status cache
+    (``_status_cached.cache_clear()``) clears this one too, and failures are never cached.
     """
+    key = (op, backend, device.type, dtype, _cuda_emulated(), os.environ.get("TRITON_INTERPRET"))
+    hit = _RESOLVED.get(key)
+    if hit is not None:
+        name, table = hit
+        impl = table.get(op)  # looked up each time: the tables stay the one source of truth
+        if impl is not None:
+            return name, impl
+    name, impl = _resolve(op, backend, device, dtype)
+    _RESOLVED[key] = (name, _ops(name))
+    return name, impl
+
+
+def _resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | None) -> tuple[str, Callable]:
     if backend == "auto":
         order = _AUTO_ORDER_CUDA if device.type == "cuda" else ("torch",)
         for name in order:
@@ -144,3 +189,54 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | No
         have = ", ".join(sorted(impls)) or "nothing yet"
         raise NotImplementedError(f"backend={backend!r} does not implement {op} yet (it implements: {have})")
     return backend, impls[op]
+
+
+# ----------------------------------------------------------------------------- constants for the kernels
+
+#: ``(device, length, value)`` -> an int64 ``[length]`` tensor full of ``value``: the per-image
+#: ``k`` and the default ``lengths`` the GPU wrappers hand their kernels, which only read them.
+_CONSTANTS: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+_CONSTANTS_MAX = 256
+
+
+def constant_index(length: int, value: int, device: torch.device) -> torch.Tensor:
+    """A read-only int64 ``[length]`` tensor of ``value`` on ``device``, made once per key.
+
+    Saves a fill launch per call on the GPU paths. Not cached while the current CUDA stream is
+    being captured into a graph (the fill would only be recorded, not run: the tensor is made
+    afresh and captured instead), nor beyond :data:`_CONSTANTS_MAX` keys (entries are never
+    dropped, so no kernel on another stream can still be reading a freed one). A new CUDA entry
+    waits once for its fill, so that any stream may read it from then on. Callers must not write
+    to the result.
+    """
+    key = (device, length, value)
+    hit = _CONSTANTS.get(key)
+    if hit is not None:
+        return hit
+    out = torch.full((length,), value, dtype=torch.int64, device=device)
+    if len(_CONSTANTS) >= _CONSTANTS_MAX:
+        return out
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return out
+        torch.cuda.current_stream(device).synchronize()  # once per key, never in steady state
+    _CONSTANTS[key] = out
+    return out
+
+
+def saliency_weights_f32(saliency: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`vtprune.similarity.saliency_weights` as the kernels read it: float32, contiguous.
+
+    Equal to ``saliency_weights(saliency, alpha).float().contiguous()`` bit for bit, in fewer
+    torch ops for the default ``alpha = 1``: ``x ** 1`` is ``x`` exactly (NaN included), so the
+    power is left out, and 16-bit saliency is clamped in place in its float32 copy.
+    """
+    if alpha == 1.0:
+        if saliency.dtype == torch.float32:
+            return saliency.clamp_min(0).contiguous()
+        if saliency.dtype in (torch.float16, torch.bfloat16):
+            return saliency.to(torch.float32).clamp_min_(0).contiguous()
+    from .similarity import saliency_weights
+
+    w = saliency_weights(saliency, alpha)
+    return (w if w.dtype == torch.float32 else w.to(torch.float32)).contiguous()

@@ -2,10 +2,18 @@
 
 Each check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape or
 value) with a message that names the argument, what was expected and what was given.
-Checks that need tensor *values* (``lengths``, ``cu_seqlens``, indices) run in eager mode
-only: under ``torch.compile`` they would break the graph, and the kernels clamp those
-values anyway so an unchecked bad value can never read out of bounds. NaN/Inf checks are
-opt-in (``check_values=True``) because they sync the device.
+Checks that need tensor *values* (``lengths``, ``cu_seqlens``, a per-sequence ``k``, indices,
+crop sizes and budgets) run in eager mode only: under ``torch.compile`` they would break the
+graph, and the kernels clamp those values anyway so an unchecked bad value can never read out
+of bounds. They also run only where reading the values costs no device sync
+(:func:`read_values`): on index tensors that live on the CPU, or on any device with
+``check_values=True``, which asks for the sync (as the NaN/Inf checks do; :mod:`vtprune.ops`
+also asks for it on the PyTorch backends, which do not clamp). A public call on CUDA tensors
+running the CUDA or Triton kernels with the default ``check_values=False`` never waits for the
+device (SPEC §4).
+
+These checks run on every call, so they stay cheap: no torch op unless the check needs one,
+and no conversion of a tensor that already has the wanted dtype and device.
 """
 
 from __future__ import annotations
@@ -26,6 +34,19 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 def eager() -> bool:
     """False while dynamo traces: value checks are skipped then (see module docstring)."""
     return not torch.compiler.is_compiling()
+
+
+def read_values(x: Tensor, check_values: bool) -> bool:
+    """Whether the value checks of the index tensor ``x`` run: in eager mode, when ``x`` is on the
+    CPU (reading it is free) or ``check_values`` asks for a device sync."""
+    return (check_values or x.device.type == "cpu") and eager()
+
+
+def as_int64_on(x: Tensor, device: torch.device) -> Tensor:
+    """``x`` as int64 on ``device``, without a (no-op) dispatch when it already is."""
+    if x.dtype == torch.int64 and x.device == device:
+        return x
+    return x.to(device=device, dtype=torch.int64)
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
@@ -116,8 +137,13 @@ def check_alpha(alpha: Any, name: str = "alpha") -> float:
     return alpha
 
 
-def check_lengths(lengths: Any, batch: int, n: int, device: torch.device, k: int | None = None) -> Tensor | None:
-    """Valid-token counts ``[B]`` -> int64 on ``device``; each in ``[1, N]`` and ``>= k``."""
+def check_lengths(
+    lengths: Any, batch: int, n: int, device: torch.device, k: int | None = None, check_values: bool = False
+) -> Tensor | None:
+    """Valid-token counts ``[B]`` -> int64 on ``device``; each in ``[1, N]`` and ``>= k``.
+
+    The values are checked where :func:`read_values` allows (CPU ``lengths``, or ``check_values``).
+    """
     if lengths is None:
         return None
     check_tensor(lengths, "lengths")
@@ -125,56 +151,75 @@ def check_lengths(lengths: Any, batch: int, n: int, device: torch.device, k: int
         raise TypeError(f"lengths must be an int32 or int64 tensor; got {lengths.dtype}")
     if lengths.dim() != 1 or lengths.shape[0] != batch:
         raise ValueError(f"lengths must have shape [B] = ({batch},); got {tuple(lengths.shape)}")
-    if eager() and batch > 0:
-        lo, hi = int(lengths.min()), int(lengths.max())
+    if batch > 0 and read_values(lengths, check_values):
+        values = lengths.tolist()
+        lo, hi = min(values), max(values)
         if lo < 1 or hi > n:
             raise ValueError(f"lengths must lie in [1, N = {n}]; got values in [{lo}, {hi}]")
         if k is not None and k > lo:
             raise ValueError(f"k must be <= every lengths[b]; got k = {k} and min(lengths) = {lo}")
-    return lengths.to(device=device, dtype=torch.int64)
+    return as_int64_on(lengths, device)
 
 
-def check_cu_seqlens(cu_seqlens: Any, total: int, device: torch.device) -> Tensor:
-    """Packed-sequence offsets ``[B+1]``: start at 0, strictly increasing, end at ``T``."""
+def check_cu_seqlens(
+    cu_seqlens: Any, total: int, device: torch.device, check_values: bool = False
+) -> tuple[Tensor, list[int] | None]:
+    """Packed-sequence offsets ``[B+1]``: start at 0, strictly increasing, end at ``T``.
+
+    Returns the int64 offsets on ``device`` and, when the values were read (:func:`read_values`),
+    the offsets as a host list (else ``None``).
+    """
     check_tensor(cu_seqlens, "cu_seqlens")
     if cu_seqlens.dtype not in INDEX_DTYPES:
         raise TypeError(f"cu_seqlens must be an int32 or int64 tensor; got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
         raise ValueError(f"cu_seqlens must have shape [B+1] with B >= 0; got {tuple(cu_seqlens.shape)}")
-    if eager():
+    values = None
+    if read_values(cu_seqlens, check_values):
         values = cu_seqlens.tolist()
         if values[0] != 0 or values[-1] != total:
             raise ValueError(f"cu_seqlens must start at 0 and end at T = {total}; got {values[0]} ... {values[-1]}")
         if any(b <= a for a, b in zip(values, values[1:])):
             raise ValueError("cu_seqlens must be strictly increasing (every sequence needs >= 1 token)")
-    return cu_seqlens.to(device=device, dtype=torch.int64)
+    return as_int64_on(cu_seqlens, device), values
 
 
-def check_k_per_seq(k: Any, cu_seqlens: Tensor, device: torch.device) -> Tensor:
-    """``k`` as an int or an int tensor ``[B]`` -> int64 ``[B]``, each in ``[1, seqlen_b]``."""
+def check_k_per_seq(
+    k: Any, cu_seqlens: Tensor, device: torch.device, cu_values: list[int] | None = None, check_values: bool = False
+) -> Tensor:
+    """``k`` as an int or an int tensor ``[B]`` -> int64 ``[B]``, each in ``[1, seqlen_b]``.
+
+    ``cu_values``: the offsets read on the host by :func:`check_cu_seqlens` (``None`` when they were
+    not read: then the budgets are not checked against the sequence lengths, see :func:`read_values`).
+    """
     batch = cu_seqlens.shape[0] - 1
-    seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
     if isinstance(k, Tensor):
         if k.dtype not in INDEX_DTYPES:
             raise TypeError(f"k must be an int or an int32/int64 tensor [B]; got a {k.dtype} tensor")
         if k.dim() != 1 or k.shape[0] != batch:
             raise ValueError(f"k as a tensor must have shape [B] = ({batch},); got {tuple(k.shape)}")
-        ks = k.to(device=device, dtype=torch.int64)
+        ks = as_int64_on(k, device)
+        k_values = k.tolist() if cu_values is not None and batch > 0 and read_values(k, check_values) else None
     else:
-        ks = torch.full((batch,), check_int(k, "k"), dtype=torch.int64, device=device)
-    if eager() and batch > 0:
-        bad = (ks < 1) | (ks > seqlens.to(device))
-        if bool(bad.any()):
-            b = int(torch.nonzero(bad)[0])
-            raise ValueError(
-                f"k must satisfy 1 <= k <= seqlen for every sequence; sequence {b} has "
-                f"{int(seqlens[b])} tokens and k = {int(ks[b])}"
-            )
+        k_int = check_int(k, "k")
+        ks = torch.full((batch,), k_int, dtype=torch.int64, device=device)
+        k_values = [k_int] * batch
+    if cu_values is not None and k_values is not None:
+        for b, kb in enumerate(k_values):
+            seqlen = cu_values[b + 1] - cu_values[b]
+            if not 1 <= kb <= seqlen:
+                raise ValueError(
+                    f"k must satisfy 1 <= k <= seqlen for every sequence; sequence {b} has "
+                    f"{seqlen} tokens and k = {kb}"
+                )
     return ks
 
 
-def check_indices(indices: Any, batch: int, n: int, unbatched: bool, lengths: Tensor | None, device: torch.device) -> Tensor:
-    """Selected indices ``[B, K]`` (``[K]`` unbatched), each in ``[0, lengths[b])``."""
+def check_indices(
+    indices: Any, batch: int, n: int, unbatched: bool, lengths: Tensor | None, device: torch.device, check_values: bool = False
+) -> Tensor:
+    """Selected indices ``[B, K]`` (``[K]`` unbatched), each in ``[0, lengths[b])`` (values checked
+    where :func:`read_values` allows)."""
     check_tensor(indices, "indices")
     if indices.dtype not in INDEX_DTYPES:
         raise TypeError(f"indices must be an int32 or int64 tensor; got {indices.dtype}")
@@ -185,11 +230,11 @@ def check_indices(indices: Any, batch: int, n: int, unbatched: bool, lengths: Te
         raise ValueError(f"indices must have shape {want} with B = {batch} and K >= 1; got {tuple(indices.shape)}")
     if indices.device != device:
         raise ValueError(f"indices must be on the same device as tokens ({device}); got {indices.device}")
-    if eager() and batch > 0:
+    if batch > 0 and read_values(indices, check_values):
         limit = lengths[:, None] if lengths is not None else n
         if bool(((indices < 0) | (indices >= limit)).any()):
             raise ValueError(f"indices must lie in [0, N) (and below lengths[b] when given); N = {n}")
-    return indices.to(torch.int64)
+    return as_int64_on(indices, device)
 
 
 def check_finite(**tensors: Tensor | None) -> None:

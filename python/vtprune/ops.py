@@ -5,11 +5,22 @@ name; they resolve the backend inside (an opaque step for ``torch.compile``) and
 fake implementations so ``torch.compile(fullgraph=True)`` traces through them. The Python
 wrappers below add the unbatched and keyword forms, and run the checks of
 :mod:`vtprune._validation` before anything reaches a kernel.
+
+Host overhead. A call on CUDA tensors is timed from the host's first instruction to the last
+kernel's end, so the wrappers keep the host path short (``benchmarks/host_overhead.py``
+measures it, ``tests/test_host_overhead.py`` guards it): in plain eager mode they resolve the
+backend once (cached) and call its implementation directly (:func:`_direct`), skipping the
+``torch.library`` dispatch, which adds tens of microseconds and nothing else there; whenever
+something could observe the difference (``torch.compile``, a dispatch or function mode, fake
+or subclass tensors, functorch transforms, autograd on a float input, the profiler) the call
+goes through the custom op. Value checks that would read a CUDA tensor (a device sync) run only
+with ``check_values=True``, or when the backend is one of the PyTorch ones, which do not clamp
+(see :mod:`vtprune._validation`).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -19,6 +30,51 @@ from ._dispatch import resolve
 from .reference import facility_location_from_max_sim, lowrank_factorize as _lowrank_factorize, theta_coverage_from_max_sim
 
 _INT64 = torch.int64
+
+#: The backends whose kernels clamp index values (lengths, budgets, ...) so that an unchecked bad
+#: value can never read out of bounds; with them the value checks may skip device tensors.
+_CLAMPING_BACKENDS = ("cuda", "triton")
+
+_C = torch._C
+_profiler_enabled = torch._C._autograd._profiler_enabled
+
+
+def _direct(*tensors: Tensor | None) -> bool:
+    """True when calling the backend implementation directly is indistinguishable from calling the
+    custom op: no dispatch or function mode, no functorch transform, no profiler (which should
+    see the op by name), no ``torch.jit.trace``, plain CPU/CUDA tensors, and no float input that
+    autograd would track.
+    The caller checks that dynamo is not tracing (:func:`vtprune._validation.eager`)."""
+    if (
+        _C._len_torch_dispatch_stack()
+        or _C._is_torch_function_mode_enabled()
+        or _C._are_functorch_transforms_active()
+        or _profiler_enabled()
+        or _C._get_tracing_state() is not None  # torch.jit.trace records the op, not its insides
+    ):
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not Tensor or t.device.type not in ("cpu", "cuda") or (grad and t.requires_grad):
+            return False
+    return True
+
+
+def _eager_impl(op: str, backend: str, x: Tensor) -> tuple[str, Callable] | None:
+    """``(backend name, implementation)`` of ``op`` for ``x`` in eager mode, ``None`` under
+    ``torch.compile`` (the custom op resolves it then, opaquely). Raises as :func:`resolve` does.
+    Callers skip it for an empty batch, which returns before any backend runs (as it always has,
+    whatever the backend)."""
+    if not V.eager():
+        return None
+    return resolve(op, backend, x.device, x.dtype)
+
+
+def _strict(check_values: bool, resolved: tuple[str, Callable] | None) -> bool:
+    """Whether value checks read device tensors: asked for, or a backend that does not clamp."""
+    return check_values or resolved is None or resolved[0] not in _CLAMPING_BACKENDS
 
 # ----------------------------------------------------------------------------- custom ops
 
@@ -182,12 +238,16 @@ def fused_scope_select(
     alpha = V.check_alpha(alpha)
     combine = V.check_choice(combine, "combine", ("mul", "add"))
     backend = V.check_backend(backend)
-    lens = V.check_lengths(lengths, batch, n, x.device, k)
+    resolved = _eager_impl("scope_select", backend, x) if batch > 0 else None  # B = 0 runs nothing
+    lens = V.check_lengths(lengths, batch, n, x.device, k, _strict(check_values, resolved))
     if check_values:
         V.check_finite(tokens=x, saliency=sal)
     if batch == 0:
         return x.new_empty((0, k), dtype=_INT64)
-    out = _scope_select_op(x, sal, k, alpha, combine, lens, bool(sorted), backend)
+    if resolved is not None and _direct(x, sal, lens):
+        out = resolved[1](x, sal, k, alpha, combine, lens, bool(sorted))
+    else:
+        out = _scope_select_op(x, sal, k, alpha, combine, lens, bool(sorted), backend)
     return out[0] if unbatched else out
 
 
@@ -223,17 +283,22 @@ def scope_select_varlen(
     if saliency.shape[0] != tokens.shape[0]:
         raise ValueError(f"saliency must have shape [T] = ({tokens.shape[0]},) to match tokens; got {tuple(saliency.shape)}")
     V.check_same_device(saliency, "saliency", tokens, "tokens")
-    cu = V.check_cu_seqlens(cu_seqlens, tokens.shape[0], tokens.device)
-    ks = V.check_k_per_seq(k, cu, tokens.device)
     alpha = V.check_alpha(alpha)
     combine = V.check_choice(combine, "combine", ("mul", "add"))
     backend = V.check_backend(backend)
+    resolved = _eager_impl("scope_select_varlen", backend, tokens) if tokens.shape[0] > 0 else None
+    strict = _strict(check_values, resolved)
+    cu, cu_values = V.check_cu_seqlens(cu_seqlens, tokens.shape[0], tokens.device, strict)
+    ks = V.check_k_per_seq(k, cu, tokens.device, cu_values, strict)
     if check_values:
         V.check_finite(tokens=tokens, saliency=saliency)
     if cu.shape[0] == 1:
         return tokens.new_empty((0,), dtype=_INT64), cu_seqlens.new_zeros((1,))
-    indices, cu_k = _scope_select_varlen_op(tokens, saliency, cu, ks, alpha, combine, bool(sorted), backend)
-    return indices, cu_k.to(cu_seqlens.dtype)
+    if resolved is not None and _direct(tokens, saliency, cu, ks):
+        indices, cu_k = resolved[1](tokens, saliency, cu, ks, alpha, combine, bool(sorted))
+    else:
+        indices, cu_k = _scope_select_varlen_op(tokens, saliency, cu, ks, alpha, combine, bool(sorted), backend)
+    return indices, (cu_k if cu_k.dtype == cu_seqlens.dtype else cu_k.to(cu_seqlens.dtype))
 
 
 def holov_select(
@@ -277,25 +342,36 @@ def holov_select(
     alpha = V.check_alpha(alpha)
     rank_by = V.check_choice(rank_by, "rank_by", ("attn", "score"))
     backend = V.check_backend(backend)
-    lens = V.check_lengths(lengths, batch, n, x.device, k)
-    if lens is not None and num_crops is not None and V.eager() and batch > 0 and num_crops > int(lens.min()):
-        raise ValueError(f"num_crops must be <= every lengths[b]; got {num_crops} and min(lengths) = {int(lens.min())}")
+    resolved = _eager_impl("holov_select", backend, x) if batch > 0 else None
+    strict = _strict(check_values, resolved)
+    lens = V.check_lengths(lengths, batch, n, x.device, k, strict)
+    if lens is not None and num_crops is not None and batch > 0 and V.read_values(lengths, strict):
+        shortest = min(lengths.tolist())
+        if num_crops > shortest:
+            raise ValueError(f"num_crops must be <= every lengths[b]; got {num_crops} and min(lengths) = {shortest}")
     if check_values:
         V.check_finite(tokens=x, attn=a)
     if batch == 0:
         return x.new_empty((0, k), dtype=_INT64)
-    out = _holov_select_op(x, a, k, num_crops, alpha, rank_by, lens, bool(sorted), backend)
+    if resolved is not None and _direct(x, a, lens):
+        out = resolved[1](x, a, k, num_crops, alpha, rank_by, lens, bool(sorted))
+    else:
+        out = _holov_select_op(x, a, k, num_crops, alpha, rank_by, lens, bool(sorted), backend)
     return out[0] if unbatched else out
 
 
-def crop_budgets(weights: Tensor, k: int, capacity: Tensor, *, backend: str = "auto") -> Tensor:
+def crop_budgets(
+    weights: Tensor, k: int, capacity: Tensor, *, backend: str = "auto", check_values: bool = False
+) -> Tensor:
     """Split ``k`` tokens over crops by weight, respecting each crop's capacity (SPEC §2).
 
     Args:
         weights: ``[B, C]`` or ``[C]`` float crop weights (HoloV: normalized crop scores).
         k: the total budget, ``1 <= k <= sum(capacity[b])``.
         capacity: int ``[B, C]`` or ``[C]``, tokens available in each crop (0 = absent crop).
+            Its values are checked when it is on the CPU, or with ``check_values=True``.
         backend: as in :func:`fused_scope_select`.
+        check_values: check ``capacity``'s values even on the GPU (syncs the device).
 
     Returns:
         int64 budgets of ``weights``' shape, each row summing to ``k``, never above capacity.
@@ -315,15 +391,22 @@ def crop_budgets(weights: Tensor, k: int, capacity: Tensor, *, backend: str = "a
     backend = V.check_backend(backend)
     if k < 1:
         raise ValueError(f"k must be >= 1; got {k}")
-    if V.eager() and w.shape[0] > 0:
-        if bool((cap < 0).any()):
+    resolved = _eager_impl("crop_budgets", backend, w) if w.shape[0] > 0 else None
+    if w.shape[0] > 0 and w.shape[1] > 0 and V.read_values(cap, _strict(check_values, resolved)):
+        lowest, room = torch.stack([cap.min(), cap.sum(dim=-1).min()]).tolist()
+        if lowest < 0:
             raise ValueError("capacity must be >= 0")
-        room = int(cap.sum(dim=-1).min())
         if k > room:
             raise ValueError(f"k must be <= the total capacity of every row; got k = {k} and a row of capacity {room}")
+    elif w.shape[0] > 0 and w.shape[1] == 0 and V.eager():
+        raise ValueError(f"k must be <= the total capacity of every row; got k = {k} and a row of capacity 0")
     if w.shape[0] == 0:
         return w.new_empty(w.shape, dtype=_INT64)
-    out = _crop_budgets_op(w, k, cap.to(_INT64), backend)
+    cap = V.as_int64_on(cap, cap.device)
+    if resolved is not None and _direct(w, cap):
+        out = resolved[1](w, k, cap)
+    else:
+        out = _crop_budgets_op(w, k, cap, backend)
     return out[0] if unbatched else out
 
 
@@ -335,6 +418,7 @@ def crop_topk(
     k: int | None = None,
     sorted: bool = True,
     backend: str = "auto",
+    check_values: bool = False,
 ) -> Tensor:
     """Top ``budgets[c]`` tokens by score inside each contiguous crop: a ragged per-segment top-k.
 
@@ -346,6 +430,8 @@ def crop_topk(
         k: the row sum of ``budgets``; pass it to avoid reading the budgets on the host.
         sorted: ascending indices, or crops in order with descending score inside.
         backend: as in :func:`fused_scope_select`.
+        check_values: check the values of ``crop_sizes``/``budgets`` even on the GPU (syncs the
+            device); index tensors on the CPU are always checked.
 
     Returns:
         int64 ``[B, k]`` (``[k]`` unbatched).
@@ -360,35 +446,40 @@ def crop_topk(
         raise TypeError(f"budgets must be an int32 or int64 tensor; got {budgets.dtype}")
     V.check_rank(budgets, "budgets", (1,) if unbatched else (2,), "[C]" if unbatched else "[B, C]")
     q = budgets.unsqueeze(0) if unbatched else budgets
-    if isinstance(crop_sizes, Tensor):
+    sizes_given = isinstance(crop_sizes, Tensor)
+    if sizes_given:
         if crop_sizes.dtype not in V.INDEX_DTYPES:
             raise TypeError(f"crop_sizes must be an int or an int32/int64 tensor; got {crop_sizes.dtype}")
         sizes = crop_sizes.unsqueeze(0) if unbatched and crop_sizes.dim() == 1 else crop_sizes
-        sizes = sizes.to(device=s.device, dtype=_INT64)
     else:
         c = V.check_int(crop_sizes, "crop_sizes")
         if c < 1 or c > n:
             raise ValueError(f"crop_sizes as a crop count must satisfy 1 <= C <= N = {n}; got {c}")
         base, extra = divmod(n, c)
         sizes = torch.full((batch, c), base, dtype=_INT64, device=s.device)
-        sizes[:, :extra] += 1
+        if extra:
+            sizes[:, :extra] += 1
     if sizes.dim() != 2 or tuple(sizes.shape) != (batch, q.shape[1]) or tuple(q.shape) != (batch, sizes.shape[1]):
         raise ValueError(
             f"crop_sizes {tuple(sizes.shape)} and budgets {tuple(q.shape)} must both be [B, C] with B = {batch}"
         )
     V.check_same_device(q, "budgets", s, "scores")
-    q = q.to(_INT64)
-    if k is None:
-        row_sums = q.sum(dim=-1)
-        k = int(row_sums[0]) if batch > 0 else 0
-        if batch > 0 and bool((row_sums != k).any()):
+    backend = V.check_backend(backend)
+    resolved = _eager_impl("crop_topk", backend, s) if batch > 0 else None
+    strict = _strict(check_values, resolved)
+    if k is None:  # read from the budgets: a device sync for budgets on the GPU, as documented
+        row_sums = q.sum(dim=-1).tolist()
+        k = row_sums[0] if batch > 0 else 0
+        if any(r != k for r in row_sums):
             raise ValueError("budgets must sum to the same k in every row")
     k = V.check_int(k, "k")
-    backend = V.check_backend(backend)
-    if V.eager() and batch > 0:
-        if bool((sizes < 0).any()) or int(sizes.sum(dim=-1).max()) > n:
+    if batch > 0 and sizes_given and V.read_values(sizes, strict):
+        lowest, widest = torch.stack([sizes.min(), sizes.sum(dim=-1).max()]).tolist() if sizes.numel() else (0, 0)
+        if lowest < 0 or widest > n:
             raise ValueError(f"crop_sizes must be >= 0 and sum to at most N = {n}")
-        if bool(((q < 0) | (q > sizes)).any()):
+    if batch > 0 and V.read_values(q, strict):
+        sizes_q = sizes.to(q.device)
+        if bool(((q < 0) | (q > sizes_q)).any()):
             raise ValueError("budgets must satisfy 0 <= budgets[c] <= crop_sizes[c]")
         if bool((q.sum(dim=-1) != k).any()):
             raise ValueError(f"budgets must sum to k = {k} in every row")
@@ -396,7 +487,12 @@ def crop_topk(
         raise ValueError(f"k must be >= 1; got {k}")
     if batch == 0:
         return s.new_empty((0, k), dtype=_INT64)
-    out = _crop_topk_op(s, sizes, q, k, bool(sorted), backend)
+    sizes = V.as_int64_on(sizes, s.device)
+    q = V.as_int64_on(q, q.device)
+    if resolved is not None and _direct(s, sizes, q):
+        out = resolved[1](s, sizes, q, k, bool(sorted))
+    else:
+        out = _crop_topk_op(s, sizes, q, k, bool(sorted), backend)
     return out[0] if unbatched else out
 
 
@@ -404,8 +500,9 @@ def _coverage(tokens: Tensor, indices: Tensor, lengths: Tensor | None, backend: 
     x, unbatched = V.batched_tokens(tokens)
     batch, n = x.shape[:2]
     backend = V.check_backend(backend)
-    lens = V.check_lengths(lengths, batch, n, x.device)
-    idx = V.check_indices(indices, batch, n, unbatched, lens, x.device)
+    # Checked on every device, as before: the PyTorch coverage gathers with these indices.
+    lens = V.check_lengths(lengths, batch, n, x.device, check_values=True)
+    idx = V.check_indices(indices, batch, n, unbatched, lens, x.device, check_values=True)
     full = lens if lens is not None else torch.full((batch,), n, dtype=_INT64, device=x.device)
     if batch == 0:
         return x.new_zeros((0, n), dtype=torch.float32), lens, unbatched
@@ -460,6 +557,7 @@ def attention_importance(
     scale: float | None = None,
     key_range: tuple[int, int] | None = None,
     backend: str = "auto",
+    check_values: bool = False,
 ) -> Tensor:
     """Mean softmax attention each key receives from each group of queries, averaged over heads.
 
@@ -475,6 +573,8 @@ def attention_importance(
         scale: logit scale, default ``1 / sqrt(d)``.
         key_range: ``(start, end)`` keys to report; default all ``L``.
         backend: as in :func:`fused_scope_select`.
+        check_values: check that ``query_groups`` lies in ``[-1, G)`` even on the GPU (syncs the
+            device); on the CPU it is always checked.
 
     Returns:
         ``[B, G, end - start]`` fp32 (fp64 for fp64 inputs); zeros for a group with no queries.
@@ -500,16 +600,22 @@ def attention_importance(
     num_groups = V.check_int(num_groups, "num_groups")
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1; got {num_groups}")
-    if V.eager() and query_groups.numel() and (int(query_groups.min()) < -1 or int(query_groups.max()) >= num_groups):
-        raise ValueError(f"query_groups must lie in [-1, num_groups = {num_groups})")
+    backend = V.check_backend(backend)
+    resolved = _eager_impl("attention_importance", backend, q)
+    if query_groups.numel() and V.read_values(query_groups, _strict(check_values, resolved)):
+        lowest, highest = torch.stack(torch.aminmax(query_groups)).tolist()
+        if lowest < -1 or highest >= num_groups:
+            raise ValueError(f"query_groups must lie in [-1, num_groups = {num_groups})")
     start, end = (0, length) if key_range is None else (V.check_int(key_range[0], "key_range[0]"), V.check_int(key_range[1], "key_range[1]"))
     if not 0 <= start < end <= length:
         raise ValueError(f"key_range must satisfy 0 <= start < end <= L = {length}; got ({start}, {end})")
     if scale is None:
         scale = d ** -0.5
     scale = float(scale)
-    backend = V.check_backend(backend)
-    return _attention_importance_op(q, k, query_groups.to(_INT64), num_groups, bool(causal), scale, start, end, backend)
+    groups = V.as_int64_on(query_groups, q.device)
+    if resolved is not None and _direct(q, k, groups):
+        return resolved[1](q, k, groups, num_groups, bool(causal), scale, start, end)
+    return _attention_importance_op(q, k, groups, num_groups, bool(causal), scale, start, end, backend)
 
 
 def lowrank_factorize(weight: Tensor, rank: int, *, backend: str = "auto") -> tuple[Tensor, Tensor]:
@@ -536,6 +642,7 @@ def gather_tokens(tokens: Tensor, indices: Tensor, *, backend: str = "auto") -> 
     unbatched = tokens.dim() == 2
     x = tokens.unsqueeze(0) if unbatched else tokens
     V.check_backend(backend)
-    idx = V.check_indices(indices, x.shape[0], x.shape[1], unbatched, None, x.device)
+    # Checked on every device: torch.gather with an out-of-range index would assert on the GPU.
+    idx = V.check_indices(indices, x.shape[0], x.shape[1], unbatched, None, x.device, check_values=True)
     out = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))
     return out[0] if unbatched else out

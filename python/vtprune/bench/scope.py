@@ -36,7 +36,7 @@ SHAPES = {
 #: What a 2-core CPU finishes in minutes; the issue-2 targets are the first two.
 CPU_SHAPES = ("llava15-k64", "n2880-k160", "llava15-k128", "llavanext-crops", "serving-b32", "qwen-n16384")
 QUICK_SHAPES = ("quick-n97-k8", "quick-n97-k16", "quick-n193-k16")
-PROVIDERS = ("reference_loop", "reference", "torch", "torch.compile", "triton", "cuda")
+PROVIDERS = ("reference_loop", "reference", "torch", "torch.compile", "triton", "cuda", "triton_graph", "cuda_graph")
 
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype) -> SimpleNamespace:
@@ -48,6 +48,46 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype) -> Simpl
 
 def _select(backend: str):
     return lambda i: vtprune.fused_scope_select(i.x, i.s, i.k, 1.0, sorted=False, backend=backend)
+
+
+def _graphed(backend: str):
+    """``backend``'s call captured once per inputs in a CUDA graph, then replayed: the device time
+    alone, next to the eager provider's device time plus host overhead (the difference is what
+    the host costs per call). The capture follows torch.cuda.graphs' recipe: a warm-up call on a
+    side stream (it fills the wrappers' per-shape caches), then the capture; the graph's output
+    tensor is returned by every replay."""
+    call = _select(backend)
+    state: dict = {}
+
+    def run(i: SimpleNamespace) -> Tensor:
+        if state.get("inputs") is not i:
+            state.clear()  # one graph at a time: the previous case's memory goes back
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                call(i)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = call(i)
+            state.update(inputs=i, graph=graph, out=out)
+        state["graph"].replay()
+        return state["out"]
+
+    return run
+
+
+def _graph_providers(device: torch.device) -> dict[str, Provider | str]:
+    out: dict[str, Provider | str] = {}
+    for backend, eager in kernel_providers("scope_select", device, _select).items():
+        name = f"{backend}_graph"
+        if not isinstance(eager, Provider):
+            out[name] = eager
+        elif device.type != "cuda":
+            out[name] = "CUDA graphs need CUDA tensors"
+        else:
+            out[name] = Provider(name, _graphed(backend), note="CUDA graph replay: device time without host overhead")
+    return out
 
 
 def check(inputs: SimpleNamespace) -> Tensor:
@@ -99,6 +139,7 @@ def providers(device: torch.device, dtype: torch.dtype) -> dict[str, Provider | 
 
     out["torch.compile"] = Provider("torch.compile", run_compiled, quick=False)
     out.update(kernel_providers("scope_select", device, _select))
+    out.update(_graph_providers(device))
     return out
 
 
