@@ -39,7 +39,8 @@ def _valid_selection(idx: torch.Tensor, k: int, limits: list[int]) -> bool:
 
 def run_cuda_scope_paths() -> int:
     """The CUDA SCOPE kernel's other paths: S in fp16 (N > 4096), the per-image state in the global
-    workspace, and a changed-row list applied several times per step.
+    workspace, a changed-row list applied several times per step, and (sm_90) the cluster kernel
+    csrc/scope_cluster.cu at every cluster size, with its column slices in shared and global memory.
 
     On an H100 the state leaves shared memory only above ~18K tokens (S alone would be ~650 MiB per
     image, very slow under the sanitizer), so that instantiation is forced with the kernel's test
@@ -48,6 +49,9 @@ def run_cuda_scope_paths() -> int:
     from vtprune import _cuda
 
     checks = []
+    clusters = torch.cuda.get_device_capability()[0] >= 9  # the cluster kernel needs sm_90
+    if not clusters:
+        print("note: no thread-block clusters on this GPU; the cluster kernel is not exercised", file=sys.stderr)
     for n in SIZES + (1500,):
         x, s, lengths = _inputs(3, n, 33, torch.float32, seed=n + 1)
         k = max(1, int(lengths.min()) // 2)
@@ -65,6 +69,13 @@ def run_cuda_scope_paths() -> int:
             if name == "global-state":
                 ok = ok and torch.equal(got, base)  # the same arithmetic, only elsewhere
             checks.append((f"scope {name} N={n}", ok))
+        if clusters:
+            # the cluster kernel: every size, slices in shared memory (where they fit) and streamed;
+            # its picks are the single-CTA kernel's bit for bit (same arithmetic, same order)
+            for size in _cuda.CLUSTER_SIZES:
+                for force in (False, True):
+                    got = _cuda.scope_select(x, s, k, 1.0, "mul", lengths, False, cluster_size=size, force_global_state=force)
+                    checks.append((f"scope cluster C={size} stream={force} N={n}", torch.equal(got, base)))
     # N > 4096: S stored in fp16 by the default path (one image padded, one mixed-storage batch)
     for lens in ([4099, 4097], [4099, 1000]):
         x, s, _ = _inputs(2, 4099, 8, torch.float16, seed=4099)

@@ -67,6 +67,32 @@ cudaError_t launch_scope_similarity(const void* tokens, int dtype, int64_t B, in
                                     int64_t stride_b, int64_t stride_n, void* out, int out_dtype,
                                     cudaStream_t stream);
 
+// ---- SCOPE greedy selection on a thread-block cluster per image (csrc/scope_cluster.cu, sm_90)
+
+// Largest N the cluster kernel accepts: fp32 S only (SCOPE_FP32_MAX_N = 4096).
+int64_t scope_cluster_max_n();
+
+// The same picks as launch_scope_greedy (bit for bit: same formulas and summation order), with
+// image b run by a cluster of CTAs that each own a slice of S's columns. Arguments as
+// launch_scope_greedy, except: sim_dtype must be 0 (float32) and N <= scope_cluster_max_n();
+// workspace / workspace_bytes are unused (may be null / 0); force_global_state streams the column
+// slices from global memory even where they fit in shared memory; max_list must be 0;
+// cluster_size is 2, 4, 8 or 16 CTAs per image, or 0 to choose (the smallest size whose slices
+// fit in shared memory, else the largest size that can run). Returns cudaErrorNotSupported on a
+// device below compute capability 9.0, cudaErrorInvalidConfiguration when no plan fits.
+cudaError_t launch_scope_greedy_cluster(const void* sim, int sim_dtype, const float* weights,
+                                        const int64_t* lengths, const int64_t* k_per_image,
+                                        int64_t B, int64_t N, int64_t k_max, bool mul,
+                                        void* workspace, int64_t workspace_bytes, int64_t* out,
+                                        cudaStream_t stream, bool force_global_state,
+                                        int64_t max_list, int cluster_size);
+
+// The launch plan launch_scope_greedy_cluster would use on `device` for N tokens: the cluster
+// size, whether the column slices stay in shared memory, and the dynamic shared memory per CTA.
+// Same error codes as the launcher; touches no memory.
+cudaError_t scope_cluster_plan(int device, int64_t N, int cluster_size, bool force_global_state,
+                               int* chosen_size, bool* slice_in_smem, int64_t* smem_bytes);
+
 // ---- HoloV: crop statistics, budgets and per-crop top-k (csrc/holov.cu)
 
 // Crops the workspace is sized for: num_crops if > 0, else SPEC §2's default for N tokens,

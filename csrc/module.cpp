@@ -162,6 +162,76 @@ void scope_greedy(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t weights_
   }
 }
 
+void check_cluster_size(int cluster_size) {
+  if (cluster_size != 0 && cluster_size != 2 && cluster_size != 4 && cluster_size != 8 &&
+      cluster_size != 16) {
+    throw py::value_error("cluster_size must be 0 (choose), 2, 4, 8 or 16, got " +
+                          std::to_string(cluster_size));
+  }
+}
+
+// cudaErrorNotSupported from the cluster launchers means "no thread-block clusters here".
+[[noreturn]] void throw_cluster_error(const char* what, cudaError_t err, const char* failed) {
+  if (err == cudaErrorNotSupported) {
+    throw std::runtime_error(std::string(what) +
+                             ": thread-block clusters need a GPU of compute capability 9.0 or "
+                             "newer (Hopper); this device is older: " + describe(err));
+  }
+  throw std::runtime_error(std::string(what) + ": " + failed + ": " + describe(err));
+}
+
+void scope_greedy_cluster(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t weights_ptr,
+                          std::uintptr_t lengths_ptr, std::uintptr_t k_per_image_ptr, int64_t B,
+                          int64_t N, int64_t k_max, bool mul, std::uintptr_t workspace_ptr,
+                          int64_t workspace_bytes, std::uintptr_t out_ptr, std::uintptr_t stream,
+                          bool force_global_state, int64_t max_list, int cluster_size) {
+  if (sim_dtype != static_cast<int>(vtprune::DType::Float32)) {
+    throw py::value_error("sim_dtype must be 0 (float32) for the cluster kernel, got " +
+                          std::to_string(sim_dtype));
+  }
+  check_scope_sizes(B, N);
+  if (N > vtprune::scope_cluster_max_n()) {
+    throw py::value_error("N must be <= " + std::to_string(vtprune::scope_cluster_max_n()) +
+                          " for the cluster kernel (fp32 S only), got " + std::to_string(N));
+  }
+  check_nonnegative("k_max", k_max);
+  check_nonnegative("workspace_bytes", workspace_bytes);
+  if (max_list != 0) {
+    throw py::value_error("max_list must be 0 for the cluster kernel (its list holds every row), got " +
+                          std::to_string(max_list));
+  }
+  check_cluster_size(cluster_size);
+  if (B > 0 && N > 0 && k_max > 0) {
+    if (sim_ptr == 0) throw py::value_error("sim_ptr is null");
+    if (weights_ptr == 0) throw py::value_error("weights_ptr is null");
+    if (lengths_ptr == 0) throw py::value_error("lengths_ptr is null");
+    if (k_per_image_ptr == 0) throw py::value_error("k_per_image_ptr is null");
+    if (out_ptr == 0) throw py::value_error("out_ptr is null");
+  }
+  const cudaError_t err = vtprune::launch_scope_greedy_cluster(
+      as_ptr<const void>(sim_ptr), sim_dtype, as_ptr<const float>(weights_ptr),
+      as_ptr<const int64_t>(lengths_ptr), as_ptr<const int64_t>(k_per_image_ptr), B, N, k_max, mul,
+      as_ptr<void>(workspace_ptr), workspace_bytes, as_ptr<int64_t>(out_ptr),
+      reinterpret_cast<cudaStream_t>(stream), force_global_state, max_list, cluster_size);
+  if (err != cudaSuccess) throw_cluster_error("vtprune._C.scope_greedy_cluster", err, "CUDA launch failed");
+}
+
+py::tuple scope_cluster_plan(int device, int64_t N, int cluster_size, bool force_global_state) {
+  if (N < 1 || N > vtprune::scope_cluster_max_n()) {
+    throw py::value_error("N must be in [1, " + std::to_string(vtprune::scope_cluster_max_n()) +
+                          "], got " + std::to_string(N));
+  }
+  check_cluster_size(cluster_size);
+  check_nonnegative("device", device);
+  int size = 0;
+  bool slice = false;
+  int64_t bytes = 0;
+  const cudaError_t err =
+      vtprune::scope_cluster_plan(device, N, cluster_size, force_global_state, &size, &slice, &bytes);
+  if (err != cudaSuccess) throw_cluster_error("vtprune._C.scope_cluster_plan", err, "CUDA error");
+  return py::make_tuple(size, slice, bytes);
+}
+
 // ---- HoloV: crop statistics, budgets, per-crop top-k
 
 void check_int32_range(const char* name, int64_t value) {
@@ -382,6 +452,24 @@ PYBIND11_MODULE(_C, m) {
         "on `stream`. force_global_state / max_list are test knobs (state in the workspace even "
         "when shared memory suffices; a smaller changed-row list). Raises RuntimeError if the "
         "launch fails.");
+
+  m.def("scope_cluster_max_n", &vtprune::scope_cluster_max_n,
+        "Largest N scope_greedy_cluster accepts (fp32 S only).");
+  m.def("scope_greedy_cluster", &scope_greedy_cluster, py::arg("sim_ptr"), py::arg("sim_dtype"),
+        py::arg("weights_ptr"), py::arg("lengths_ptr"), py::arg("k_per_image_ptr"), py::arg("B"),
+        py::arg("N"), py::arg("k_max"), py::arg("mul"), py::arg("workspace_ptr"),
+        py::arg("workspace_bytes"), py::arg("out_ptr"), py::arg("stream"),
+        py::arg("force_global_state") = false, py::arg("max_list") = 0, py::arg("cluster_size") = 0,
+        "scope_greedy's picks (bit for bit) on a thread-block cluster per image (compute "
+        "capability >= 9.0): each CTA owns a slice of S's columns, kept in shared memory when it "
+        "fits. sim: float32 [B, N, N] (sim_dtype 0), N <= scope_cluster_max_n(); the workspace "
+        "is unused (may be 0); force_global_state streams the slices from global memory; "
+        "max_list must be 0; cluster_size 2, 4, 8, 16 or 0 (choose). Raises RuntimeError naming "
+        "compute capability 9.0 on older devices, or if the launch fails.");
+  m.def("scope_cluster_plan", &scope_cluster_plan, py::arg("device"), py::arg("N"),
+        py::arg("cluster_size") = 0, py::arg("force_global_state") = false,
+        "(cluster_size, slices_in_shared_memory, shared_bytes_per_cta) that scope_greedy_cluster "
+        "would use for N tokens on `device`.");
 
   // ---- HoloV
   m.def("scope_similarity", &scope_similarity, py::arg("tokens_ptr"), py::arg("dtype"),

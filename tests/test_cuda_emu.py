@@ -4,7 +4,8 @@ Planted bugs in tiny kernels (tests/cuda_emu/selftest.cu) must be detected: a ``
 that part of the block skips or reaches at another line, a shuffle that half a warp skips, a
 shared-memory race and an inter-block race (different results under two schedules), a read of
 unwritten shared memory (poison), a misaligned WMMA pointer, launch configurations the CUDA
-runtime refuses. The intrinsics, WMMA, the fp16/bf16 conversions and the source rewrite must be
+runtime refuses, and for thread-block clusters a missing ``cluster.sync()`` (schedule
+disagreement), a divergent one (barrier error) and the cluster size and compute capability limits. The intrinsics, WMMA, the fp16/bf16 conversions and the source rewrite must be
 exact. These tests run wherever g++ and pybind11 are installed (no GPU involved).
 """
 
@@ -30,6 +31,7 @@ SELFTEST = "selftest.cu"
 
 # cudaError_t values (the real ones)
 SUCCESS, INVALID_VALUE, INVALID_CONFIGURATION, LAUNCH_FAILURE = 0, 1, 9, 719
+NOT_SUPPORTED, INVALID_CLUSTER_SIZE = 801, 912
 FULL = Schedule("forward")
 REVERSED = Schedule("reverse", poison=0)
 
@@ -285,6 +287,79 @@ def test_module_reports_an_emulated_device(emu):
     assert m.device_count() >= 1 and m.cuda_status().startswith("ok: ")
     assert m.compiled_archs() == "cuda_emu"
     assert m.cuda_runtime_version() == 13000
+
+
+# ----------------------------------------------------------------------------- thread-block clusters
+
+
+def _exchange(emu, blocks: int, threads: int, cluster: int, with_sync: bool = True, nonportable: bool = False):
+    out = torch.full((blocks, threads, 6), -7, dtype=torch.int32)
+    err = emu.lib.emu_test_cluster_exchange(_p(out), blocks, threads, cluster, int(with_sync), int(nonportable))
+    return err, out
+
+
+@pytest.mark.parametrize("cluster,threads", [(2, 64), (4, 33), (8, 96)])
+def test_cluster_blocks_exchange_through_distributed_shared_memory(emu, cluster, threads):
+    blocks = 3 * cluster
+    for schedule in (FULL, REVERSED, Schedule("reverse", warp_major=True), Schedule("random", seed=3)):
+        with emu.schedule(schedule):
+            err, out = _exchange(emu, blocks, threads, cluster)
+        assert err == SUCCESS, emu.last_detail()
+        block = torch.arange(blocks).view(-1, 1)
+        rank = block % cluster
+        nxt = (rank + 1) % cluster
+        t = torch.arange(threads).view(1, -1)
+        assert torch.equal(out[..., 0], (1000 * nxt + t).int()), schedule  # static __shared__ of the next block
+        assert torch.equal(out[..., 1], (-1000 * nxt - t).int()), schedule  # its dynamic shared memory
+        assert torch.equal(out[..., 2], rank.expand(-1, threads).int())
+        assert torch.all(out[..., 3] == cluster) and torch.all(out[..., 4] == cluster)
+        assert torch.equal(out[..., 5], rank.expand(-1, threads).int())
+
+
+def test_missing_cluster_sync_gives_schedule_dependent_results(emu):
+    """Reading the neighbour's shared memory before the cluster barrier reads its poison under one
+    schedule and its value (or other poison) under another: what same_under_schedules reports."""
+    def run():
+        err, out = _exchange(emu, 4, 64, 2, with_sync=False)
+        assert err == SUCCESS, emu.last_detail()
+        return out
+
+    with pytest.raises(AssertionError, match="different results under schedules"):
+        emu.same_under_schedules(run)
+    # the fixed kernel passes the same check
+    emu.same_under_schedules(lambda: _exchange(emu, 4, 64, 2)[1])
+
+
+def test_cluster_sync_skipped_by_one_block_is_a_barrier_error(emu):
+    out = torch.zeros(4 * 32, dtype=torch.int32)
+    text = _launch_failed(emu, emu.lib.emu_test_cluster_divergent(_p(out), 4, 32, 2, 1), "wait at cluster.sync()", "exited")
+    assert "cluster of 2 blocks" in text
+    # every block reaching it is fine
+    assert emu.lib.emu_test_cluster_divergent(_p(out), 4, 32, 2, 99) == SUCCESS
+
+
+def test_cluster_launch_limits(emu):
+    # 16 blocks need the non-portable attribute; more than 16 never run; the cluster must divide the grid
+    assert _exchange(emu, 16, 32, 16)[0] == INVALID_CLUSTER_SIZE
+    assert "NonPortableClusterSizeAllowed" in emu.last_detail()
+    err, out = _exchange(emu, 32, 32, 16, nonportable=True)
+    assert err == SUCCESS and torch.all(out[..., 3] == 16)
+    assert _exchange(emu, 32, 32, 32, nonportable=True)[0] == INVALID_CLUSTER_SIZE
+    assert _exchange(emu, 6, 32, 4)[0] == INVALID_CLUSTER_SIZE
+    assert "does not divide" in emu.last_detail()
+    # clusters of 132 / size fit at once on the emulated H100 (one block per SM)
+    assert emu.lib.emu_test_max_active_clusters(64, 8) == 132 // 8
+    assert emu.lib.emu_test_max_active_clusters(64, 16) == 132 // 16  # attribute set above
+    assert emu.lib.emu_test_max_active_clusters(2048, 8) == -1 or emu.lib.emu_test_max_active_clusters(2048, 8) == 0
+
+
+def test_clusters_are_refused_below_compute_capability_9(emu):
+    with emu.device(166912, (8, 0)):
+        err, _ = _exchange(emu, 4, 32, 2)
+    assert err == NOT_SUPPORTED and "compute capability 9.0" in emu.last_detail()
+    # the default device is an sm_90 one, with the attributes the launchers query
+    assert emu.module.device_count() >= 1
+    assert _exchange(emu, 4, 32, 2)[0] == SUCCESS
 
 
 # ----------------------------------------------------------------------------- the source rewrite

@@ -410,6 +410,230 @@ def test_many_images_and_out_of_range_k(cuda_rt):
     assert sorted(row) == sorted(set(row)) and all(0 <= v < nb for v in row), row
 
 
+# ----------------------------------------------------------------------------- cluster kernel (sm_90)
+#
+# csrc/scope_cluster.cu runs an image on a thread-block cluster, each CTA owning a slice of S's
+# columns. It adds every column sum with the same formulas, in the same order (eight row groups,
+# rows in ascending order inside a group, the groups' partial sums added in group order, the
+# whole list of changed rows applied once per step) as the single-CTA kernel, and it reduces the
+# picks with the same total order (score, then lower index). So its gains are bit for bit those
+# of csrc/scope.cu and its picks must be EQUAL to that kernel's, near-ties included; the
+# comparison with the reference then only has to hold up to near-ties, as above.
+# On the emulator a cluster of 16 CTAs is 8192 fibers, so the big cases use small clusters.
+
+# (B, N, D, k, lengths, combine, cluster sizes, id)
+CLUSTER_SHAPES = [
+    (1, 1, 8, 1, None, "mul", [0, 2, 4, 8, 16], "N1"),
+    (3, 7, 8, 3, [7, 3, 5], "mul", [2, 16], "N7-k3-lengths"),
+    (3, 7, 8, 3, [7, 3, 5], "add", [4, 8], "N7-k3-lengths"),
+    (2, 7, 8, 7, None, "add", [0, 4], "N7-kN"),
+    (3, 97, 16, 25, [97, 40, 61], "mul", [0, 2, 8], "N97-k25-lengths"),
+    (3, 97, 16, 25, [97, 40, 61], "add", [4], "N97-k25-lengths"),
+    (1, 97, 16, 10, None, "add", [16], "N97-k10"),
+    (1, 97, 16, 97, None, "mul", [4], "N97-kN"),
+    (2, 577, 32, 64, [577, 301], "mul", [0], "N577-k64-lengths"),
+    (2, 577, 32, 64, [577, 301], "add", [2], "N577-k64-lengths"),
+    (1, 577, 32, 577, None, "add", [2], "N577-kN"),
+    (2, 2881, 64, 128, [2881, 1500], "mul", [0, 8], "N2881-k128-lengths"),
+    (1, 2881, 16, 2881, None, "add", [0], "N2881-kN"),
+]
+CLUSTER_CASES = [
+    pytest.param(batch, n, d, k, lengths, combine, size, id=f"{name}-{combine}-C{size}")
+    for batch, n, d, k, lengths, combine, sizes, name in CLUSTER_SHAPES
+    for size in sizes
+]
+
+
+def _needs_clusters(cuda_rt) -> None:
+    """Skip the "gpu" runtime on a GPU without thread-block clusters (the emulator is an sm_90)."""
+    if not cuda_rt.emu and torch.cuda.get_device_capability(cuda_rt.device)[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0 (refusal: test_cluster_refused_below_compute_capability_9)")
+
+
+def _cluster_vs_single(tokens, saliency, k, combine, lengths, size, **knobs):
+    """(cluster picks, single-CTA picks), pick order, for the same inputs."""
+    args = (tokens, saliency, k, 1.0, combine, lengths, False)
+    return _cuda.scope_select(*args, cluster_size=size, **knobs), _cuda.scope_select(*args)
+
+
+@pytest.mark.parametrize("batch,n,d,k,lengths,combine,size", CLUSTER_CASES)
+def test_cluster_kernel_matches_reference_and_single_cta(cuda_rt, batch, n, d, k, lengths, combine, size):
+    _needs_clusters(cuda_rt)
+    dev = cuda_rt.device
+    if cuda_rt.emu and n > 1000:
+        pytest.skip("N = 2881 on a cluster takes minutes on the emulator (GPU only)")
+    tokens, saliency = _data(batch, n, d, seed=n * 7 + k, device=dev)
+    lens = None if lengths is None else torch.tensor(lengths, device=dev)
+    got, single = _cluster_vs_single(tokens, saliency, k, combine, lens, size)
+    assert got.dtype == torch.int64 and got.shape == (batch, k) and got.device == tokens.device
+    assert torch.equal(got, single)  # same arithmetic in the same order (see above)
+    want = vtprune.fused_scope_select(tokens, saliency, k, 1.0, combine=combine, lengths=lens, sorted=False, backend=_oracle(cuda_rt))
+    _check_batch(tokens, saliency, got.cpu(), want.cpu(), 1.0, combine, lengths, f"cluster C={size} N={n} k={k} {combine}")
+
+
+@pytest.mark.parametrize("size", [2, 4, 8, 16])
+def test_cluster_slices_in_shared_and_global_memory(cuda_rt, size):
+    """Every size with the column slices in shared memory, and streamed from global memory
+    (force_global_state): both plans are taken (checked), and both give the single-CTA picks."""
+    _needs_clusters(cuda_rt)
+    dev = cuda_rt.device
+    n, k = (97, 12) if size == 16 else (97, 30)
+    tokens, saliency = _data(2, n, 16, seed=size, device=dev)
+    lens = torch.tensor([n, 58], device=dev)
+    assert _cuda.scope_cluster_plan(n, size)[:2] == (size, True)
+    assert _cuda.scope_cluster_plan(n, size, force_global_state=True)[:2] == (size, False)
+    single = _cuda.scope_select(tokens, saliency, k, 1.0, "mul", lens, False)
+    for force in (False, True):
+        got = _cuda.scope_select(tokens, saliency, k, 1.0, "mul", lens, False, cluster_size=size, force_global_state=force)
+        assert torch.equal(got, single), (size, force)
+
+
+def test_cluster_plans(cuda_rt):
+    """The automatic size: the smallest cluster whose slices fit in shared memory (N = 576 on the
+    emulated H100: 8 CTAs of 576 x 72 fp32 columns, the design point of docs/performance.md), else
+    the largest cluster that can run, streaming. On a real GPU the occupancy query may rule out a
+    size, so only the plan's shape is checked there."""
+    _needs_clusters(cuda_rt)
+    if cuda_rt.emu:
+        assert _cuda.scope_cluster_plan(576)[:2] == (8, True)
+        assert _cuda.scope_cluster_plan(97)[:2] == (2, True)
+        assert _cuda.scope_cluster_plan(2881)[:2] == (16, False)
+        assert _cuda.scope_cluster_plan(577, 2)[:2] == (2, False)  # 577 x 289 x 4 B: does not fit
+    for n in (1, 7, 97, 577, 4096):
+        size, _, smem = _cuda.scope_cluster_plan(n)
+        assert size in (2, 4, 8, 16) and smem > 0
+
+
+def test_cluster_on_devices_with_less_shared_memory(cuda_rt):
+    """Emulated devices with less opt-in shared memory take the other plans, with the same picks;
+    when not even the streaming layout fits, the launcher reports it instead of launching."""
+    if not cuda_rt.emu:
+        pytest.skip("emulated devices only")
+    dev = cuda_rt.device
+    tokens, saliency = _data(2, 97, 16, seed=4, device=dev)
+    lens = torch.tensor([97, 60], device=dev)
+    single = _cuda.scope_select(tokens, saliency, 20, 1.0, "add", lens, False)
+    with cuda_rt.emulator.smem_optin(32768) as device:
+        auto = _cuda.scope_cluster_plan(97, device=device)
+        assert auto[1] and auto[0] > 2 and auto[2] <= 32768  # the 2-CTA slices (~19 KB each) no longer fit
+        assert _cuda.scope_cluster_plan(97, 2, device=device)[:2] == (2, False)
+        for size in (0, 2):
+            assert torch.equal(_cuda.scope_select(tokens, saliency, 20, 1.0, "add", lens, False, cluster_size=size), single)
+    tokens, saliency = _data(1, 577, 16, seed=4, device=dev)
+    with cuda_rt.emulator.smem_optin(16384) as device:
+        with pytest.raises(RuntimeError, match="cudaErrorInvalidConfiguration"):
+            _cuda.scope_cluster_plan(577, device=device)
+        with pytest.raises(RuntimeError, match="cudaErrorInvalidConfiguration"):
+            _cuda.scope_select(tokens, saliency, 3, 1.0, "mul", None, False, cluster_size=0)
+
+
+def test_cluster_per_image_k_and_clamped_lengths(cuda_rt):
+    """Per-image k (0, beyond the length, negative) and lengths outside [1, N] are clamped as by
+    the single-CTA kernel; entries past an image's k stay untouched (compared as such)."""
+    _needs_clusters(cuda_rt)
+    dev = cuda_rt.device
+    tokens, saliency = _data(5, 61, 16, seed=9, device=dev)
+    lens = torch.tensor([61, 10, 0, 500, 33], device=dev)  # 0 -> 1, 500 -> 61
+    ks = torch.tensor([17, 0, 4, 61, -2], device=dev)
+    for size, combine in ((4, "mul"), (2, "add")):
+        got = _cuda.scope_picks(tokens, saliency, ks, 40, 1.0, combine, lens, cluster_size=size)
+        want = _cuda.scope_picks(tokens, saliency, ks, 40, 1.0, combine, lens)
+        for b, kb in enumerate([17, 0, 1, 40, 0]):
+            assert torch.equal(got[b, :kb], want[b, :kb]), (size, b)
+        assert got[2, 0].item() == 0  # a length-1 image has one token to pick
+        nb = min(int(lens[3]), 61)
+        row = got[3, :40].tolist()
+        assert len(set(row)) == 40 and all(0 <= v < nb for v in row)
+
+
+def test_cluster_varlen_matches_single_cta(cuda_rt):
+    _needs_clusters(cuda_rt)
+    dev = cuda_rt.device
+    seqlens = [40, 7, 97, 1, 23]
+    g = torch.Generator().manual_seed(17)
+    tokens = torch.randn(sum(seqlens), 16, generator=g).to(dev)
+    saliency = torch.rand(sum(seqlens), generator=g).to(dev)
+    cu = torch.tensor([0] + list(np.cumsum(seqlens)), dtype=torch.int32, device=dev)
+    ks = torch.tensor([10, 7, 30, 1, 4], device=dev)
+    got = _cuda.scope_select_varlen(tokens, saliency, cu, ks, 1.0, "mul", False, cluster_size=2)
+    want = _cuda.scope_select_varlen(tokens, saliency, cu, ks, 1.0, "mul", False)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        (dict(cluster_size=3), "cluster_size must be None"),
+        (dict(cluster_size=1), "cluster_size must be None"),
+        (dict(cluster_size=32), "cluster_size must be None"),
+        (dict(cluster_size=-1), "cluster_size must be None"),
+        (dict(cluster_size=True), "cluster_size must be None"),
+        (dict(cluster_size=2.0), "cluster_size must be None"),
+        (dict(cluster_size=2, max_list=1024), "max_list is a knob of the single-CTA kernel"),
+        (dict(cluster_size=0, similarity_dtype=torch.float16), "fp32 similarity only"),
+    ],
+)
+def test_cluster_option_is_validated(cuda_rt, options, message):
+    tokens, saliency = _data(1, 7, 8, seed=1, device=cuda_rt.device)
+    with pytest.raises(ValueError, match=message):
+        _cuda.scope_select(tokens, saliency, 2, 1.0, "mul", None, False, **options)
+    if set(options) == {"cluster_size"}:
+        with pytest.raises(ValueError, match=message):
+            _cuda.scope_cluster_plan(7, options["cluster_size"])
+
+
+def test_cluster_refuses_fp16_storage(cuda_rt):
+    """Images above 4096 tokens get fp16 S, which the cluster kernel does not take: a clear error
+    before any work, not a silent fallback to the other kernel."""
+    tokens, saliency = _data(2, 4099, 4, seed=2, device=cuda_rt.device)
+    with pytest.raises(ValueError, match="at most 4096 tokens"):
+        _cuda.scope_select(tokens, saliency, 3, 1.0, "mul", torch.tensor([4099, 100], device=cuda_rt.device), False, cluster_size=0)
+
+
+def test_cluster_refused_below_compute_capability_9(cuda_rt):
+    """An emulated A100 (8.0): RuntimeError naming compute capability 9.0, from the launcher."""
+    if not cuda_rt.emu:
+        major, _ = torch.cuda.get_device_capability()
+        if major >= 9:
+            pytest.skip("this GPU has clusters; the refusal is checked on an emulated 8.0 device")
+        tokens, saliency = _data(1, 7, 8, seed=1, device=cuda_rt.device)
+        with pytest.raises(RuntimeError, match="compute capability 9.0"):
+            _cuda.scope_select(tokens, saliency, 2, 1.0, "mul", None, False, cluster_size=0)
+        return
+    tokens, saliency = _data(1, 7, 8, seed=1, device=cuda_rt.device)
+    with cuda_rt.emulator.device(166912, (8, 0)) as device:
+        with pytest.raises(RuntimeError, match="compute capability 9.0"):
+            _cuda.scope_select(tokens, saliency, 2, 1.0, "mul", None, False, cluster_size=0)
+        with pytest.raises(RuntimeError, match="compute capability 9.0"):
+            _cuda.scope_cluster_plan(7, device=device)
+        # the single-CTA kernel still runs there
+        assert _cuda.scope_select(tokens, saliency, 2, 1.0, "mul", None, False).shape == (1, 2)
+
+
+@needs_gpu
+def test_cluster_cuda_graph_capture_and_replay():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need compute capability 9.0")
+    static_x, static_s = _data(2, 577, 16, seed=1, device="cuda")
+    args = (10, 1.0, "mul", None, False)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            _cuda.scope_select(static_x, static_s, *args, cluster_size=0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _cuda.scope_select(static_x, static_s, *args, cluster_size=0)
+    for seed in (2, 3):
+        x, s = _data(2, 577, 16, seed=seed, device="cuda")
+        static_x.copy_(x)
+        static_s.copy_(s)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, _cuda.scope_select(x, s, *args))
+
+
 # ----------------------------------------------------------------------------- graphs and compile
 
 
@@ -520,6 +744,42 @@ def test_binding_empty_problems_and_foreign_pointers():
     # is the driver/device error; with one, the host address is refused before any launch.
     with pytest.raises(RuntimeError, match="CUDA"):
         c_module.scope_greedy(**_good_args(c_module))
+
+
+def _cluster_binding():
+    return require_c_entry("scope_greedy_cluster", "csrc/scope_cluster.cu")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (dict(sim_dtype=1), r"sim_dtype must be 0 \(float32\) for the cluster kernel, got 1"),
+        (dict(N=4097), "N must be <= 4096 for the cluster kernel"),
+        (dict(B=-1), "B must be >= 0"),
+        (dict(k_max=-1), "k_max must be >= 0"),
+        (dict(max_list=1024), "max_list must be 0 for the cluster kernel"),
+        (dict(cluster_size=3), r"cluster_size must be 0 \(choose\), 2, 4, 8 or 16, got 3"),
+        (dict(cluster_size=32), "cluster_size must be 0"),
+        (dict(sim_ptr=0), "sim_ptr is null"),
+        (dict(out_ptr=0), "out_ptr is null"),
+    ],
+)
+def test_cluster_binding_rejects_bad_arguments(override, message):
+    c_module = _cluster_binding()
+    args = {**_good_args(c_module), "cluster_size": 0}
+    with pytest.raises(ValueError, match=message):
+        c_module.scope_greedy_cluster(**{**args, **override})
+
+
+def test_cluster_binding_empty_problems_and_plan_arguments():
+    c_module = _cluster_binding()
+    assert c_module.scope_cluster_max_n() == 4096
+    nulls = dict(sim_ptr=0, weights_ptr=0, lengths_ptr=0, k_per_image_ptr=0, workspace_ptr=0, workspace_bytes=0, out_ptr=0)
+    for empty in (dict(B=0), dict(N=0), dict(k_max=0)):
+        c_module.scope_greedy_cluster(**{**_good_args(c_module), **nulls, **empty})  # no CUDA call
+    for bad, message in ((dict(N=0), "N must be in"), (dict(N=4097), "N must be in"), (dict(cluster_size=5), "cluster_size")):
+        with pytest.raises(ValueError, match=message):
+            c_module.scope_cluster_plan(**{**dict(device=0, N=7, cluster_size=0), **bad})
 
 
 def test_near_tie_summary():

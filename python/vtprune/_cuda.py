@@ -22,10 +22,10 @@ from torch import Tensor
 from ._dispatch import constant_index as _constant_index, saliency_weights_f32 as _weights_f32
 from ._varlen import bind_scope_picks, select_packed
 from . import similarity as _similarity
-from .similarity import scope_similarity_dtype, scope_storage_groups
+from .similarity import SCOPE_FP32_MAX_N, scope_similarity_dtype, scope_storage_groups
 
 __all__ = ["status", "is_available", "coverage_max_sim", "DTYPE_CODES"]
-__all__ += ["scope_similarity", "scope_picks", "scope_select", "scope_select_varlen"]
+__all__ += ["scope_similarity", "scope_picks", "scope_select", "scope_select_varlen", "scope_cluster_plan", "CLUSTER_SIZES"]
 
 #: dtype codes understood by vtprune._C (csrc/common.cuh, enum DType)
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -287,6 +287,7 @@ def scope_picks(
     similarity_dtype: torch.dtype | None = None,
     force_global_state: bool = False,
     max_list: int = 0,
+    cluster_size: int | None = None,
 ) -> Tensor:
     """SCOPE greedy picks (SPEC §1) in pick order on the CUDA kernel: int64 ``[B, k_max]``.
 
@@ -309,7 +310,13 @@ def scope_picks(
         force_global_state, max_list: test knobs of the kernel (per-image state in the global
             workspace even where shared memory suffices; a changed-row list capped at
             ``max_list`` rows, rounded down to whole chunks of 1024). They do not change the
-            contract.
+            contract. With ``cluster_size``, ``force_global_state`` streams the column slices
+            from global memory instead (``max_list`` must stay 0).
+        cluster_size: ``None`` (the default) runs one CTA per image (csrc/scope.cu). An int runs
+            the thread-block cluster kernel (csrc/scope_cluster.cu; compute capability >= 9.0,
+            fp32 S only, so images of at most 4096 tokens): 2, 4, 8 or 16 CTAs per image, or 0
+            to let the launcher choose. Its picks are bit for bit those of the default kernel
+            (same formulas and summation order); it is opt-in until a GPU has measured it.
 
     Raises:
         RuntimeError: ``backend='cuda' is not available: <reason>``, or the CUDA launch error.
@@ -321,6 +328,7 @@ def scope_picks(
         raise ValueError(f"combine must be 'mul' or 'add', got {combine!r}")
     if similarity_dtype not in (None, *_SIM_CODES):
         raise ValueError(f"similarity_dtype must be None, torch.float32 or torch.float16, got {similarity_dtype}")
+    _check_cluster_option(cluster_size, max_list, similarity_dtype)
     batch, n, _ = tokens.shape
     device = tokens.device
     if not isinstance(saliency, Tensor) or tuple(saliency.shape) != (batch, n):
@@ -338,7 +346,14 @@ def scope_picks(
         lengths = _as_index_tensor("lengths", lengths, f"[B={batch}]", 1, batch, device)
 
     plan = scope_storage_groups(n, lengths) if similarity_dtype is None else [(None, n, similarity_dtype)]
+    if cluster_size is not None and any(storage != torch.float32 for _, _, storage in plan):
+        raise ValueError(
+            f"cluster_size={cluster_size}: the cluster kernel takes fp32 similarity only, i.e. images of at most "
+            f"{SCOPE_FP32_MAX_N} tokens; this batch has longer ones (fp16 S): use cluster_size=None"
+        )
     options = dict(force_global_state=bool(force_global_state), max_list=int(max_list))
+    if cluster_size is not None:
+        options["cluster_size"] = int(cluster_size)
     with _on_device(device):
         for rows, width, storage in plan:
             if rows is None:
@@ -352,6 +367,38 @@ def scope_picks(
                 _launch_scope(module, tokens[r, :width], saliency[r, :width], k_per_image[r], lengths[r], part, alpha, combine, storage, options)
                 out[r] = part
     return out
+
+
+#: Cluster sizes of the cluster kernel (0 = the launcher chooses).
+CLUSTER_SIZES = (0, 2, 4, 8, 16)
+
+
+def _check_cluster_option(cluster_size: object, max_list: int, similarity_dtype: torch.dtype | None) -> None:
+    """ValueError unless ``cluster_size`` is None or one of :data:`CLUSTER_SIZES` (and compatible)."""
+    if cluster_size is None:
+        return
+    if isinstance(cluster_size, bool) or not isinstance(cluster_size, int) or cluster_size not in CLUSTER_SIZES:
+        raise ValueError(f"cluster_size must be None (one CTA per image), 0 (choose), 2, 4, 8 or 16, got {cluster_size!r}")
+    if max_list:
+        raise ValueError(f"max_list is a knob of the single-CTA kernel; it must be 0 with cluster_size={cluster_size}, got {max_list}")
+    if similarity_dtype == torch.float16:
+        raise ValueError(f"cluster_size={cluster_size}: the cluster kernel takes fp32 similarity only, got similarity_dtype=torch.float16")
+
+
+def scope_cluster_plan(n: int, cluster_size: int = 0, force_global_state: bool = False, device: torch.device | int | None = None) -> tuple[int, bool, int]:
+    """The launch plan of the cluster kernel for ``n`` tokens on ``device`` (default: the current
+    CUDA device): ``(cluster_size, slices_in_shared_memory, shared_bytes_per_cta)``. For tests and
+    benchmarks; raises like :func:`scope_picks`."""
+    module = _require()
+    _check_cluster_option(cluster_size, 0, None)
+    if isinstance(device, int):
+        index = device
+    elif device is not None and device.index is not None:
+        index = device.index
+    else:  # the current device (the emulator's device 0 under emulation)
+        index = 0 if _emulation is not None else torch.cuda.current_device()
+    size, slice_in_smem, smem = module.scope_cluster_plan(index, int(n), int(cluster_size), bool(force_global_state))
+    return int(size), bool(slice_in_smem), int(smem)
 
 
 def _launch_scope(
@@ -375,9 +422,11 @@ def _launch_scope(
         sim = _similarity.scope_similarity(tokens, storage)
     w = _weights_f32(saliency, alpha)
     # Allocated here with torch, not in the launcher, so the op can be captured in a CUDA graph.
-    workspace = torch.empty(module.scope_workspace_bytes(batch, n), dtype=torch.uint8, device=device)
+    # The cluster kernel keeps all its state in shared memory and needs none.
+    clustered = "cluster_size" in options
+    workspace = torch.empty(0 if clustered else module.scope_workspace_bytes(batch, n), dtype=torch.uint8, device=device)
     _launch(
-        module.scope_greedy,
+        module.scope_greedy_cluster if clustered else module.scope_greedy,
         device,
         sim.data_ptr(),
         _SIM_CODES[sim.dtype],
@@ -388,7 +437,7 @@ def _launch_scope(
         n,
         out.shape[1],
         combine == "mul",
-        workspace.data_ptr(),
+        workspace.data_ptr() if workspace.numel() else 0,
         workspace.numel(),
         out.data_ptr(),
         **options,

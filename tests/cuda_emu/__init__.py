@@ -27,6 +27,7 @@ __all__ = ["Emulator", "Schedule", "load", "unavailable_reason", "BuildError", "
 
 _ORDERS = {"forward": 0, "reverse": 1, "random": 2}
 DEFAULT_POISON = 0x7FFF7FFF  # NaN as fp32 / fp16 / bf16, about 2^31 as an integer
+H100_OPTIN = 232448  # the default emulated device's cudaDevAttrMaxSharedMemoryPerBlockOptin
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,20 @@ class Emulator:
         (cudaDevAttrMaxSharedMemoryPerBlockOptin) is ``optin_bytes`` (H100: 232448, the default
         device; A100: 166912). Each limit is its own device, created once and never changed,
         because the kernels cache the attribute per device. Yields the device index."""
-        device = self.lib.emu_device_for_optin(int(optin_bytes))
+        with self.device(optin_bytes) as device:
+            yield device
+
+    @contextlib.contextmanager
+    def device(self, optin_bytes: int = H100_OPTIN, compute_capability: tuple[int, int] = (9, 0)) -> Iterator[int]:
+        """Launches inside the block run on an emulated device with this opt-in shared memory
+        limit and compute capability (the default device is an H100: 232448 B, 9.0; an A100 is
+        166912 B, 8.0, where thread-block clusters are refused). Every pointer reports this
+        device, so the launchers switch to it. Devices are created once and never change.
+        Yields the device index."""
+        major, minor = compute_capability
+        device = self.lib.emu_device_for(int(optin_bytes), int(major), int(minor))
         if device < 0:
-            raise ValueError(f"cannot emulate a device with {optin_bytes} B of opt-in shared memory")
+            raise ValueError(f"cannot emulate a device with {optin_bytes} B of opt-in shared memory and compute capability {major}.{minor}")
         if self.lib.emu_set_pointer_device(device) != 0:
             raise RuntimeError(f"emulated device {device} missing")
         try:

@@ -14,6 +14,10 @@ literally, and the kernels already use ``fmaf``/``__fmul_rn``/``__fadd_rn`` wher
 of roundings is part of their contract. ``fmaf`` itself is exact (hardware FMA with ``-mfma``
 when the CPU has it, glibc's correctly rounded fmaf otherwise).
 
+Kernel files are compiled with ``__CUDA_ARCH__=900`` (an sm_90 device pass: csrc/scope_cluster.cu's
+cluster code exists only there). nvcc's host pass sees no ``__CUDA_ARCH__``; the launchers do not
+test it, so defining it for the whole file changes nothing else.
+
 Usage: ``python tests/cuda_emu/build.py [--asan] [--force]`` prints the module's path.
 """
 
@@ -180,7 +184,7 @@ def _compile(cxx: str, flags: list[str], pybind_inc: str, variant: str, out_dir:
     work = Path(tempfile.mkdtemp(prefix=f"{variant}-tmp-", dir=out_dir.parent))
     try:
         common = flags + [f"-I{INCLUDE}", f"-I{CSRC}"]
-        kernel_flags = common + ["-D__CUDACC__", "-include", "emu_device.h", "-Wno-unknown-pragmas"]
+        kernel_flags = common + ["-D__CUDACC__", "-D__CUDA_ARCH__=900", "-include", "emu_device.h", "-Wno-unknown-pragmas"]
         py_inc = sysconfig.get_paths()["include"]
         host_flags = common + [f"-I{py_inc}", f"-I{pybind_inc}", '-DVTPRUNE_CUDA_ARCHS="cuda_emu"']
         jobs_list: list[list[str]] = []

@@ -1,5 +1,6 @@
-// CUDA emulator runtime: runs the grid of a launch on the calling CPU thread, block after block;
-// the threads of a block are fibers switched cooperatively, so every run is deterministic.
+// CUDA emulator runtime: runs the grid of a launch on the calling CPU thread, block after block
+// (cluster after cluster: the blocks of a thread-block cluster run together, see "Clusters"); the
+// threads are fibers switched cooperatively, so every run is deterministic.
 //
 // Scheduling. A block's fibers run in sweeps over an order (forward, reverse or a seeded random
 // permutation, redrawn after every __syncthreads): the next fiber to run is the first runnable one
@@ -26,6 +27,19 @@
 // opt-in maximum). Shared memory is allocated per block at its exact size and filled with a
 // poison pattern (NaN for fp32/fp16/bf16, huge for integers), so a read of unwritten shared
 // memory shows up in the results, and out-of-bounds accesses are visible to AddressSanitizer.
+//
+// Clusters (cudaLaunchKernelEx with cudaLaunchAttributeClusterDimension, sm_90). The blocks of a
+// cluster are one set of fibers under one scheduler, ordered block after block (blocks in the
+// schedule's order, reversed or shuffled); __syncthreads and warp intrinsics stay per block, and
+// cluster.sync() is a rendezvous of every thread of every block of the cluster, checked like
+// __syncthreads (the same source line, nobody exited). Each block's shared memory lives until the
+// whole cluster ends, and cooperative_groups' map_shared_rank maps an address into the same
+// object of another block (distributed shared memory). The launch is refused below compute
+// capability 9.0 (cudaErrorNotSupported), for a cluster that does not divide the grid, or for
+// more than 8 blocks (16 with cudaFuncAttributeNonPortableClusterSizeAllowed)
+// (cudaErrorInvalidClusterSize). When every thread of a block has exited, its shared memory is
+// poisoned again (it stays allocated until the cluster ends), so a block that still reads it over
+// DSMEM, a missing final cluster.sync(), sees a schedule-dependent value.
 //
 // Not modelled: timing, the weak memory model (fibers see each other's writes at once),
 // intra-warp lockstep (a kernel relying on implicit warp synchronicity is racy on Volta+ anyway),
@@ -123,10 +137,15 @@ constexpr std::size_t kDefaultDynamicSmem = 48 * 1024;
 constexpr int kDefaultOptin = 232448;  // H100's cudaDevAttrMaxSharedMemoryPerBlockOptin
 constexpr int kMaxDevices = 64;
 
-enum class St : unsigned char { Runnable, AtBarrier, AtWarp, Exited };
+constexpr int kMaxClusterBlocks = 16;  // non-portable maximum (8 without the attribute)
+constexpr int kDefaultSms = 132;       // H100 SXM
+
+enum class St : unsigned char { Runnable, AtBarrier, AtWarp, AtCluster, Exited };
 
 struct Fiber : ThreadState {
   St st = St::Exited;
+  int block = 0;  // rank of its block in the running cluster
+  int gid = 0;    // index in Launch::fibers: block * nthreads + linear
   void* sp = nullptr;
 #if !defined(__x86_64__)
   ucontext_t uc;
@@ -164,10 +183,18 @@ bool g_warp_major = false;
 std::uint64_t g_seed = 0;
 std::uint32_t g_poison = 0x7fff7fffu;  // NaN as fp32, fp16 and bf16; ~2^31 as int32
 std::size_t g_stack_bytes = EMU_ASAN ? (512u << 10) : (128u << 10);
-std::vector<int> g_device_optin{kDefaultOptin};
+// An emulated device: opt-in shared memory per block, compute capability, SM count.
+struct Device {
+  int optin;
+  int cc_major;
+  int cc_minor;
+  int sms;
+};
+std::vector<Device> g_devices{Device{kDefaultOptin, 9, 0, kDefaultSms}};
 int g_current_device = 0;
 int g_pointer_device = 0;
 std::map<std::pair<int, const void*>, int> g_max_dynamic_smem;  // (device, kernel) -> bytes
+std::map<std::pair<int, const void*>, int> g_nonportable_cluster;  // (device, kernel) -> 0/1
 cudaError_t g_last_error = cudaSuccess;
 cudaError_t g_detail_code = cudaSuccess;
 std::string g_detail;
@@ -200,16 +227,19 @@ struct Launch {
   std::size_t dynamic_bytes = 0;
   std::size_t smem_limit = 0;  // static + dynamic allowed per block (device opt-in maximum)
 
-  int nthreads = 0;
-  std::vector<Fiber> fibers;
-  std::vector<Warp> warps;
-  std::vector<int> order;   // position -> thread
-  std::vector<int> pos_of;  // thread -> position
+  int nthreads = 0;  // per block
+  int nblocks = 0;   // per cluster (1 without clusters): run together, as one set of fibers
+  dim3 cluster_dim;
+  std::vector<Fiber> fibers;  // the cluster's threads, block after block
+  std::vector<Warp> warps;    // block * warps_per_block + warp
+  int warps_per_block = 0;
+  std::vector<int> order;   // position -> fiber
+  std::vector<int> pos_of;  // fiber -> position
   std::vector<std::uint64_t> runnable;  // bit per position
   int cursor = -1;          // position of the fiber that runs (or ran last)
   std::mt19937_64 rng;
-  int n_exited = 0;
-  int n_at_barrier = 0;
+  int n_exited = 0;      // in the cluster
+  int n_at_cluster = 0;  // at cluster.sync()
   bool failed = false;
 
   void* sched_sp = nullptr;
@@ -218,9 +248,16 @@ struct Launch {
 #endif
   Fiber* current = nullptr;
 
-  void* dynamic = nullptr;
-  std::vector<SharedVar> statics;
-  std::size_t static_bytes = 0;
+  // Per block of the running cluster, by rank.
+  struct Block {
+    uint3 idx{0, 0, 0};
+    void* dynamic = nullptr;
+    std::vector<SharedVar> statics;
+    std::size_t static_bytes = 0;
+    int n_at_barrier = 0;
+    int n_exited = 0;
+  };
+  std::vector<Block> blocks;
 };
 
 Launch* g_launch = nullptr;  // non-null while a grid runs
@@ -269,7 +306,7 @@ void* alloc_shared(std::size_t bytes, std::size_t align) {
 
 void set_runnable(Launch& L, Fiber& f) {
   f.st = St::Runnable;
-  const int p = L.pos_of[f.linear];
+  const int p = L.pos_of[f.gid];
   L.runnable[p >> 6] |= std::uint64_t{1} << (p & 63);
 }
 
@@ -294,29 +331,48 @@ Fiber* take_next(Launch& L) {
   return &L.fibers[L.order[p]];
 }
 
+// The order of the cluster's fibers: its blocks in the configured order, and inside each block
+// the threads (or warps, then lanes) as in a launch without clusters.
 void make_order(Launch& L) {
   const int n = L.nthreads;
-  L.order.resize(n);
-  if (g_warp_major) {
-    // Warps in the order, each warp's lanes together (in the same order).
-    const int nw = static_cast<int>(L.warps.size());
-    std::vector<int> warps(nw), lanes(32);
-    for (int w = 0; w < nw; ++w) warps[w] = g_order == Order::Reverse ? nw - 1 - w : w;
-    if (g_order == Order::Random) std::shuffle(warps.begin(), warps.end(), L.rng);
-    int at = 0;
-    for (int w : warps) {
-      const int count = L.warps[w].lanes;
-      for (int l = 0; l < count; ++l) lanes[l] = g_order == Order::Reverse ? count - 1 - l : l;
-      if (g_order == Order::Random) std::shuffle(lanes.begin(), lanes.begin() + count, L.rng);
-      L.warps[w].first_pos = at;
-      for (int l = 0; l < count; ++l) L.order[at++] = w * 32 + lanes[l];
+  const int total = n * L.nblocks;
+  L.order.resize(total);
+  std::vector<int> block_seq(L.nblocks);
+  for (int b = 0; b < L.nblocks; ++b) block_seq[b] = g_order == Order::Reverse ? L.nblocks - 1 - b : b;
+  if (g_order == Order::Random) std::shuffle(block_seq.begin(), block_seq.end(), L.rng);
+  int at = 0;
+  for (const int b : block_seq) {
+    const int base = b * n;
+    if (g_warp_major) {
+      // Warps in the order, each warp's lanes together (in the same order).
+      const int nw = L.warps_per_block;
+      std::vector<int> warps(nw), lanes(32);
+      for (int w = 0; w < nw; ++w) warps[w] = g_order == Order::Reverse ? nw - 1 - w : w;
+      if (g_order == Order::Random) std::shuffle(warps.begin(), warps.end(), L.rng);
+      for (int w : warps) {
+        Warp& warp = L.warps[b * nw + w];
+        const int count = warp.lanes;
+        for (int l = 0; l < count; ++l) lanes[l] = g_order == Order::Reverse ? count - 1 - l : l;
+        if (g_order == Order::Random) std::shuffle(lanes.begin(), lanes.begin() + count, L.rng);
+        warp.first_pos = at;
+        for (int l = 0; l < count; ++l) L.order[at++] = base + w * 32 + lanes[l];
+      }
+    } else {
+      const int start = at;
+      for (int i = 0; i < n; ++i) L.order[at++] = base + (g_order == Order::Reverse ? n - 1 - i : i);
+      if (g_order == Order::Random) std::shuffle(L.order.begin() + start, L.order.begin() + at, L.rng);
     }
-  } else {
-    for (int i = 0; i < n; ++i) L.order[i] = g_order == Order::Reverse ? n - 1 - i : i;
-    if (g_order == Order::Random) std::shuffle(L.order.begin(), L.order.end(), L.rng);
   }
-  L.pos_of.resize(n);
-  for (int i = 0; i < n; ++i) L.pos_of[L.order[i]] = i;
+  L.pos_of.resize(total);
+  for (int i = 0; i < total; ++i) L.pos_of[L.order[i]] = i;
+}
+
+// After a new order: the run queue again holds exactly the runnable fibers, at their new positions.
+void rebuild_runnable(Launch& L) {
+  L.runnable.assign((L.fibers.size() + 63) / 64, 0);
+  for (Fiber& f : L.fibers) {
+    if (f.st == St::Runnable) set_runnable(L, f);
+  }
 }
 
 // ---- switching
@@ -335,6 +391,7 @@ void transfer(Launch& L, Fiber* from, Fiber* to) {
   ++g_switches;
   L.current = to;
   g_thread = to;
+  if (to != nullptr) g_block_idx = L.blocks[to->block].idx;
 #if EMU_ASAN
   void* fake = nullptr;
   // A fiber that will never run again (exited, or its launch aborted) passes nullptr, so ASan
@@ -374,7 +431,7 @@ void init_fiber_stack(Fiber* f) {
   // is entered by that `ret` with rsp = end (16-byte aligned), so its call keeps the ABI alignment.
   // Stacks are a page multiple apart, so their tops would all compete for the same cache sets;
   // staggering them by cache lines spreads a block's hot frames over the sets.
-  const std::uintptr_t color = (static_cast<std::uintptr_t>(f->linear) * 64 * 7) % 8192;
+  const std::uintptr_t color = (static_cast<std::uintptr_t>(f->gid) * 64 * 7) % 8192;
   std::uintptr_t end = ((reinterpret_cast<std::uintptr_t>(top) - color) & ~std::uintptr_t{15}) - 16;
   auto* slot = reinterpret_cast<std::uint64_t*>(end - 7 * 8);
   slot[0] = 0;                                                 // r15
@@ -422,7 +479,13 @@ std::string block_label(const Launch& L) {
   return format("%s, block (%u,%u,%u)", L.name, g_block_idx.x, g_block_idx.y, g_block_idx.z);
 }
 
-// Who waits where, grouped by (state, site).
+std::string cluster_label(const Launch& L) {
+  if (L.nblocks == 1) return block_label(L);
+  const uint3 first = L.blocks[0].idx;
+  return format("%s, cluster of %d blocks from block (%u,%u,%u)", L.name, L.nblocks, first.x, first.y, first.z);
+}
+
+// Who waits where, grouped by (block, state, site); only a cluster's messages name the block.
 std::string describe_waiters(const Launch& L) {
   std::map<std::string, std::vector<int>> groups;
   for (const Fiber& f : L.fibers) {
@@ -432,6 +495,11 @@ std::string describe_waiters(const Launch& L) {
       case St::Runnable: key = "runnable"; break;
       case St::AtBarrier: key = format("wait at __syncthreads() %s:%d", f.file, f.line); break;
       case St::AtWarp: key = format("wait at %s %s:%d", kind_name(f.kind), f.file, f.line); break;
+      case St::AtCluster: key = format("wait at cluster.sync() %s:%d", f.file, f.line); break;
+    }
+    if (L.nblocks > 1) {
+      const uint3 b = L.blocks[f.block].idx;
+      key = format("of block (%u,%u,%u) ", b.x, b.y, b.z) + key;
     }
     groups[key].push_back(static_cast<int>(f.linear));
   }
@@ -506,47 +574,66 @@ void install_fault_handler() {
 
 // ---- the block scheduler
 
-void run_block(Launch& L, uint3 block) {
-  g_block_idx = block;
-  L.dynamic = alloc_shared(L.dynamic_bytes, 16);
-  L.statics.clear();
-  L.static_bytes = 0;
+void free_block_shared(Launch::Block& B) {
+  for (SharedVar& v : B.statics) std::free(v.ptr);
+  B.statics.clear();
+  std::free(B.dynamic);
+  B.dynamic = nullptr;
+}
+
+// Runs the blocks of one cluster (one block without clusters) together: one scheduler over all
+// their threads, so cluster.sync() and distributed shared memory work as on the hardware, where
+// the blocks of a cluster are co-scheduled.
+void run_cluster(Launch& L, const std::vector<uint3>& cluster) {
+  const int n = L.nthreads;
+  L.blocks.assign(L.nblocks, Launch::Block{});
+  for (int b = 0; b < L.nblocks; ++b) {
+    L.blocks[b].idx = cluster[b];
+    L.blocks[b].dynamic = alloc_shared(L.dynamic_bytes, 16);
+  }
+  g_block_idx = cluster[0];
   L.n_exited = 0;
-  L.n_at_barrier = 0;
+  L.n_at_cluster = 0;
   L.cursor = -1;
-  L.rng.seed(g_seed * 0x9e3779b97f4a7c15ull + block.x + 0x10000ull * (block.y + 0x10000ull * block.z));
-  for (std::size_t w = 0; w < L.warps.size(); ++w) {
-    L.warps[w].arrived = 0;
-    L.warps[w].lanes = std::min(32, L.nthreads - static_cast<int>(w) * 32);
+  const uint3 first = cluster[0];
+  L.rng.seed(g_seed * 0x9e3779b97f4a7c15ull + first.x + 0x10000ull * (first.y + 0x10000ull * first.z));
+  for (int b = 0; b < L.nblocks; ++b) {
+    for (int w = 0; w < L.warps_per_block; ++w) {
+      Warp& warp = L.warps[b * L.warps_per_block + w];
+      warp.arrived = 0;
+      warp.lanes = std::min(32, n - w * 32);
+    }
   }
   make_order(L);
-  L.runnable.assign((L.nthreads + 63) / 64, 0);
+  L.runnable.assign((L.fibers.size() + 63) / 64, 0);
   const unsigned bx = g_block_dim.x, by = g_block_dim.y;
-  for (int t = 0; t < L.nthreads; ++t) {
-    Fiber& f = L.fibers[t];
-    f.idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
-    f.linear = t;
-    f.lane = t % 32;
-    f.warp = t / 32;
-    f.stack_lo = g_stacks.stack(t);
-    init_fiber_stack(&f);
-    set_runnable(L, f);
+  for (int b = 0; b < L.nblocks; ++b) {
+    for (int t = 0; t < n; ++t) {
+      Fiber& f = L.fibers[b * n + t];
+      f.idx = uint3{t % bx, (t / bx) % by, t / (bx * by)};
+      f.linear = t;
+      f.lane = t % 32;
+      f.warp = t / 32;
+      f.block = b;
+      f.gid = b * n + t;
+      f.stack_lo = g_stacks.stack(f.gid);
+      init_fiber_stack(&f);
+      set_runnable(L, f);
+    }
   }
 
   // The fibers pass control among themselves and come back here when none can run.
-  if (Fiber* first = take_next(L)) transfer(L, nullptr, first);
-  if (!L.failed && L.n_exited < L.nthreads) {
+  if (Fiber* first_fiber = take_next(L)) transfer(L, nullptr, first_fiber);
+  if (!L.failed && L.n_exited < static_cast<int>(L.fibers.size())) {
     L.failed = true;
     set_error(cudaErrorLaunchFailure,
-              format("barrier error in %s: no thread can continue (divergent __syncthreads or warp "
-                     "intrinsic, or threads that exited before it):",
-                     block_label(L).c_str()) +
+              format("barrier error in %s: no thread can continue (divergent __syncthreads, cluster.sync or "
+                     "warp intrinsic, or threads that exited before it):",
+                     cluster_label(L).c_str()) +
                   describe_waiters(L));
   }
-  for (SharedVar& v : L.statics) std::free(v.ptr);
-  L.statics.clear();
-  std::free(L.dynamic);
-  L.dynamic = nullptr;
+  // Shared memory lives until the whole cluster is done: another block may still map it.
+  for (Launch::Block& B : L.blocks) free_block_shared(B);
 }
 
 }  // namespace
@@ -567,6 +654,13 @@ extern "C" void emu_fiber_main(Fiber* f) {
   }
   f->st = St::Exited;
   ++L.n_exited;
+  Launch::Block& B = L.blocks[f->block];
+  if (++B.n_exited == L.nthreads && L.nblocks > 1) {
+    // The block is gone: on a GPU its shared memory may be reused at once. Poisoned (not freed),
+    // so a block of the cluster that still reads it gets a schedule-dependent result.
+    poison(B.dynamic, L.dynamic_bytes);
+    for (SharedVar& v : B.statics) poison(v.ptr, v.bytes);
+  }
   switch_away(L);
   std::fprintf(stderr, "cuda_emu: an exited fiber was resumed\n");
   std::abort();
@@ -604,9 +698,12 @@ void syncthreads(const char* file, int line) {
   f->st = St::AtBarrier;
   f->file = file;
   f->line = line;
-  if (++L.n_at_barrier == L.nthreads) {
-    // Every thread is at a barrier: the same one, or the block diverged.
-    for (const Fiber& o : L.fibers) {
+  Launch::Block& B = L.blocks[f->block];
+  if (++B.n_at_barrier == L.nthreads) {
+    // Every thread of the block is at a barrier: the same one, or the block diverged.
+    Fiber* mine = &L.fibers[f->block * L.nthreads];
+    for (int t = 0; t < L.nthreads; ++t) {
+      const Fiber& o = mine[t];
       if (o.line != line || (o.file != file && std::strcmp(o.file, file) != 0)) {
         abort_running_fiber(L, cudaErrorLaunchFailure,
                             format("barrier error in %s: threads wait at different __syncthreads():",
@@ -614,19 +711,60 @@ void syncthreads(const char* file, int line) {
                                 describe_waiters(L));
       }
     }
-    // A new barrier interval: every thread runnable, the sweep restarts at the top of the order.
-    L.n_at_barrier = 0;
-    if (g_order == Order::Random) make_order(L);
-    for (Fiber& o : L.fibers) set_runnable(L, o);
+    // A new barrier interval: the block's threads runnable, the sweep restarts at the top.
+    B.n_at_barrier = 0;
+    if (g_order == Order::Random) {
+      for (int t = 0; t < L.nthreads; ++t) mine[t].st = St::Runnable;
+      make_order(L);  // new positions for the whole cluster
+      rebuild_runnable(L);
+    } else {
+      for (int t = 0; t < L.nthreads; ++t) set_runnable(L, mine[t]);
+    }
     L.cursor = -1;
   }
   switch_away(L);
 }
 
+void cluster_sync(const char* file, int line) {
+  Launch& L = running("cluster.sync()");
+  Fiber* f = L.current;
+  f->st = St::AtCluster;
+  f->file = file;
+  f->line = line;
+  if (++L.n_at_cluster == static_cast<int>(L.fibers.size())) {
+    for (const Fiber& o : L.fibers) {
+      if (o.line != line || (o.file != file && std::strcmp(o.file, file) != 0)) {
+        abort_running_fiber(L, cudaErrorLaunchFailure,
+                            format("barrier error in %s: threads wait at different cluster.sync():",
+                                   cluster_label(L).c_str()) +
+                                describe_waiters(L));
+      }
+    }
+    L.n_at_cluster = 0;
+    for (Fiber& o : L.fibers) o.st = St::Runnable;
+    if (g_order == Order::Random) make_order(L);
+    rebuild_runnable(L);
+    L.cursor = -1;
+  }
+  switch_away(L);
+}
+
+unsigned cluster_block_rank() { return static_cast<unsigned>(running("cluster.block_rank()").current->block); }
+
+unsigned cluster_num_blocks() { return static_cast<unsigned>(running("cluster.num_blocks()").nblocks); }
+
+dim3 cluster_dim_blocks() { return running("cluster.dim_blocks()").cluster_dim; }
+
+uint3 cluster_block_index() {
+  const Launch& L = running("cluster.block_index()");
+  const uint3 b = L.blocks[L.current->block].idx;
+  return uint3{b.x % L.cluster_dim.x, b.y % L.cluster_dim.y, b.z % L.cluster_dim.z};
+}
+
 void warp_collective(int kind, unsigned mask, const char* file, int line, void* arg, CompleteFn complete) {
   Launch& L = running("a warp intrinsic");
   Fiber* f = L.current;
-  Warp& w = L.warps[f->warp];
+  Warp& w = L.warps[f->block * L.warps_per_block + f->warp];
   const unsigned warp_mask = w.lanes == 32 ? kFullMask : ((1u << w.lanes) - 1u);
   if (mask != warp_mask) {
     abort_running_fiber(L, cudaErrorLaunchFailure,
@@ -642,7 +780,7 @@ void warp_collective(int kind, unsigned mask, const char* file, int line, void* 
   f->arg = arg;
   f->complete = complete;
   if (++w.arrived == w.lanes) {
-    Fiber* lanes = &L.fibers[f->warp * 32];
+    Fiber* lanes = &L.fibers[f->block * L.nthreads + f->warp * 32];
     void* args[32];
     for (int l = 0; l < w.lanes; ++l) {
       if (lanes[l].kind != kind) {
@@ -698,49 +836,131 @@ void complete_ballot(void* const* args, int lanes) {
 }
 void complete_nothing(void* const*, int) {}
 
-void* block_shared_raw(const void* key, std::size_t bytes, std::size_t align, const char* name) {
-  Launch& L = running("__shared__");
-  for (const SharedVar& v : L.statics) {
+namespace {
+
+// The storage of static __shared__ variable `key` in block B, allocated (poisoned) on first use.
+void* shared_var(Launch& L, Launch::Block& B, const void* key, std::size_t bytes, std::size_t align, const char* name) {
+  for (const SharedVar& v : B.statics) {
     if (v.key == key) return v.ptr;
   }
-  L.static_bytes += bytes;
-  if (L.static_bytes > kStaticSmemLimit || L.static_bytes + L.dynamic_bytes > L.smem_limit) {
+  B.static_bytes += bytes;
+  if (B.static_bytes > kStaticSmemLimit || B.static_bytes + L.dynamic_bytes > L.smem_limit) {
     abort_running_fiber(L, cudaErrorLaunchOutOfResources,
                         format("%s: static shared memory (%zu B so far, with %s) + dynamic (%zu B) exceeds the "
                                "limits (48 KiB static, %zu B in all)",
-                               block_label(L).c_str(), L.static_bytes, name, L.dynamic_bytes, L.smem_limit));
+                               block_label(L).c_str(), B.static_bytes, name, L.dynamic_bytes, L.smem_limit));
   }
   void* p = alloc_shared(bytes, align);
   if (p == nullptr) abort_running_fiber(L, cudaErrorMemoryAllocation, "out of host memory for shared memory");
-  L.statics.push_back(SharedVar{key, p, bytes, name});
+  B.statics.push_back(SharedVar{key, p, bytes, name});
   return p;
 }
 
-void* dynamic_shared() { return running("extern __shared__").dynamic; }
+}  // namespace
 
-void run_launch(const char* name, const void* kernel, const LaunchConfig& c, void* params, Thunk thunk) {
+void* block_shared_raw(const void* key, std::size_t bytes, std::size_t align, const char* name) {
+  Launch& L = running("__shared__");
+  return shared_var(L, L.blocks[L.current->block], key, bytes, align, name);
+}
+
+void* dynamic_shared() {
+  Launch& L = running("extern __shared__");
+  return L.blocks[L.current->block].dynamic;
+}
+
+void* cluster_map_shared_rank(const void* addr, unsigned rank) {
+  Launch& L = running("cluster.map_shared_rank()");
+  if (rank >= static_cast<unsigned>(L.nblocks)) {
+    fail(format("cluster.map_shared_rank(%p, %u) in a cluster of %d blocks", addr, rank, L.nblocks).c_str());
+  }
+  Launch::Block& me = L.blocks[L.current->block];
+  Launch::Block& to = L.blocks[rank];
+  const auto a = reinterpret_cast<std::uintptr_t>(addr);
+  const auto dyn = reinterpret_cast<std::uintptr_t>(me.dynamic);
+  if (L.dynamic_bytes > 0 && a >= dyn && a < dyn + L.dynamic_bytes) {
+    return static_cast<char*>(to.dynamic) + (a - dyn);
+  }
+  for (const SharedVar& v : me.statics) {
+    const auto base = reinterpret_cast<std::uintptr_t>(v.ptr);
+    if (a >= base && a < base + v.bytes) {
+      // The other block may not have reached the declaration yet: its storage is made now.
+      char* other = static_cast<char*>(shared_var(L, to, v.key, v.bytes, 16, v.name));
+      return other + (a - base);
+    }
+  }
+  fail(format("cluster.map_shared_rank(%p, %u): not an address in this block's shared memory", addr, rank).c_str());
+}
+
+namespace {
+
+// Cluster dimensions of a launch, checked as the runtime does; `why` explains a refusal.
+cudaError_t check_cluster(const LaunchConfig& c, const void* kernel, int device, std::string* why) {
+  const dim3 k = c.cluster;
+  const std::uint64_t size = std::uint64_t{k.x} * k.y * k.z;
+  if (size == 1) return cudaSuccess;
+  const Device& d = g_devices[device];
+  if (d.cc_major < 9) {
+    *why = format("thread-block clusters need compute capability 9.0, device %d has %d.%d", device, d.cc_major,
+                  d.cc_minor);
+    return cudaErrorNotSupported;
+  }
+  if (k.x == 0 || k.y == 0 || k.z == 0 || c.grid.x % k.x != 0 || c.grid.y % k.y != 0 || c.grid.z % k.z != 0) {
+    *why = format("cluster (%u,%u,%u) does not divide grid (%u,%u,%u)", k.x, k.y, k.z, c.grid.x, c.grid.y, c.grid.z);
+    return cudaErrorInvalidClusterSize;
+  }
+  const auto it = g_nonportable_cluster.find({device, kernel});
+  const bool nonportable = it != g_nonportable_cluster.end() && it->second != 0;
+  const std::uint64_t limit = nonportable ? kMaxClusterBlocks : 8;
+  if (size > limit) {
+    *why = format("cluster of %llu blocks exceeds the limit of %llu%s", static_cast<unsigned long long>(size),
+                  static_cast<unsigned long long>(limit),
+                  nonportable ? "" : " (16 needs cudaFuncAttributeNonPortableClusterSizeAllowed)");
+    return cudaErrorInvalidClusterSize;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t launch_config_from(const cudaLaunchConfig_t* config, LaunchConfig* out) {
+  if (config == nullptr || (config->numAttrs > 0 && config->attrs == nullptr)) return cudaErrorInvalidValue;
+  *out = LaunchConfig(config->gridDim, config->blockDim, config->dynamicSmemBytes, config->stream);
+  for (unsigned i = 0; i < config->numAttrs; ++i) {
+    const cudaLaunchAttribute& a = config->attrs[i];
+    if (a.id == cudaLaunchAttributeClusterDimension) {
+      out->cluster = dim3(a.val.clusterDim.x, a.val.clusterDim.y, a.val.clusterDim.z);
+    } else if (a.id != cudaLaunchAttributeIgnore) {
+      std::lock_guard<std::mutex> lock(g_mutex);
+      set_error(cudaErrorInvalidValue, format("cudaLaunchKernelEx: launch attribute %d is not emulated", static_cast<int>(a.id)));
+      return cudaErrorInvalidValue;
+    }
+  }
+  return cudaSuccess;
+}
+
+cudaError_t run_launch(const char* name, const void* kernel, const LaunchConfig& c, void* params, Thunk thunk) {
   std::lock_guard<std::mutex> lock(g_mutex);
   ++g_launches;
   if (g_launch != nullptr) {
     set_error(cudaErrorLaunchFailure, format("%s launched from inside a kernel (dynamic parallelism is not emulated)", name));
-    return;
+    return cudaErrorLaunchFailure;
   }
   const std::uint64_t threads = std::uint64_t{c.block.x} * c.block.y * c.block.z;
   if (c.block.x == 0 || c.block.y == 0 || c.block.z == 0 || c.block.x > 1024 || c.block.y > 1024 ||
       c.block.z > 64 || threads > kMaxThreads) {
     set_error(cudaErrorInvalidConfiguration,
               format("%s: block (%u,%u,%u) is not a valid block size", name, c.block.x, c.block.y, c.block.z));
-    return;
+    return cudaErrorInvalidConfiguration;
   }
   if (c.grid.x == 0 || c.grid.y == 0 || c.grid.z == 0 || c.grid.x > 2147483647u || c.grid.y > 65535u ||
       c.grid.z > 65535u) {
     set_error(cudaErrorInvalidConfiguration,
               format("%s: grid (%u,%u,%u) is not a valid grid size", name, c.grid.x, c.grid.y, c.grid.z));
-    return;
+    return cudaErrorInvalidConfiguration;
   }
   if (c.stream != nullptr) {
     set_error(cudaErrorInvalidResourceHandle, format("%s: the emulator runs on stream 0 only", name));
-    return;
+    return cudaErrorInvalidResourceHandle;
   }
   const int device = g_current_device;
   std::size_t allowed = kDefaultDynamicSmem;
@@ -751,7 +971,13 @@ void run_launch(const char* name, const void* kernel, const LaunchConfig& c, voi
               format("%s: %zu B of dynamic shared memory exceed the kernel's limit of %zu B on device %d "
                      "(raise it with cudaFuncSetAttribute(cudaFuncAttributeMaxDynamicSharedMemorySize))",
                      name, c.smem, allowed, device));
-    return;
+    return cudaErrorInvalidValue;
+  }
+  std::string why;
+  const cudaError_t cluster_err = check_cluster(c, kernel, device, &why);
+  if (cluster_err != cudaSuccess) {
+    set_error(cluster_err, format("%s: %s", name, why.c_str()));
+    return cluster_err;
   }
 
   Launch L;
@@ -760,26 +986,31 @@ void run_launch(const char* name, const void* kernel, const LaunchConfig& c, voi
   L.params = params;
   L.thunk = thunk;
   L.dynamic_bytes = c.smem;
-  L.smem_limit = static_cast<std::size_t>(g_device_optin[device]);
+  L.smem_limit = static_cast<std::size_t>(g_devices[device].optin);
   L.nthreads = static_cast<int>(threads);
-  L.fibers.resize(L.nthreads);
-  L.warps.resize((L.nthreads + 31) / 32);
-  if (!g_stacks.reserve(kMaxThreads)) {
+  L.cluster_dim = c.cluster;
+  L.nblocks = static_cast<int>(c.cluster.x * c.cluster.y * c.cluster.z);
+  L.fibers.resize(static_cast<std::size_t>(L.nthreads) * L.nblocks);
+  L.warps_per_block = (L.nthreads + 31) / 32;
+  L.warps.resize(static_cast<std::size_t>(L.warps_per_block) * L.nblocks);
+  if (!g_stacks.reserve(static_cast<int>(L.fibers.size()))) {
     set_error(cudaErrorMemoryAllocation, format("%s: cannot map fiber stacks", name));
-    return;
+    return cudaErrorMemoryAllocation;
   }
   g_grid_dim = c.grid;
   g_block_dim = c.block;
 
-  // Blocks in the configured order too: a correct kernel does not depend on it.
-  const std::uint64_t blocks = std::uint64_t{c.grid.x} * c.grid.y * c.grid.z;
+  // Clusters (single blocks without clusters) in the configured order too: a correct kernel does
+  // not depend on it.
+  const dim3 cgrid(c.grid.x / c.cluster.x, c.grid.y / c.cluster.y, c.grid.z / c.cluster.z);
+  const std::uint64_t blocks = std::uint64_t{cgrid.x} * cgrid.y * cgrid.z;
   std::vector<std::uint64_t> block_order;
   const bool shuffled = g_order == Order::Random;
   if (shuffled) {
     if (blocks > (std::uint64_t{1} << 24)) {
       set_error(cudaErrorInvalidConfiguration, format("%s: too many blocks to shuffle (%llu)", name,
                                                       static_cast<unsigned long long>(blocks)));
-      return;
+      return cudaErrorInvalidConfiguration;
     }
     block_order.resize(blocks);
     for (std::uint64_t i = 0; i < blocks; ++i) block_order[i] = i;
@@ -797,13 +1028,21 @@ void run_launch(const char* name, const void* kernel, const LaunchConfig& c, voi
 #endif
   install_fault_handler();
   g_launch = &L;
+  std::vector<uint3> cluster(L.nblocks);
+  const dim3 k = c.cluster;
   for (std::uint64_t i = 0; i < blocks && !L.failed; ++i) {
     const std::uint64_t b = shuffled ? block_order[i] : (g_order == Order::Reverse ? blocks - 1 - i : i);
-    const uint3 idx{static_cast<unsigned>(b % c.grid.x), static_cast<unsigned>((b / c.grid.x) % c.grid.y),
-                    static_cast<unsigned>(b / (std::uint64_t{c.grid.x} * c.grid.y))};
-    run_block(L, idx);
+    const uint3 at{static_cast<unsigned>(b % cgrid.x), static_cast<unsigned>((b / cgrid.x) % cgrid.y),
+                   static_cast<unsigned>(b / (std::uint64_t{cgrid.x} * cgrid.y))};
+    // Block rank r in the cluster: x fastest, as cluster.block_rank() counts.
+    for (int r = 0; r < L.nblocks; ++r) {
+      const unsigned rx = r % k.x, ry = (r / k.x) % k.y, rz = r / (k.x * k.y);
+      cluster[r] = uint3{at.x * k.x + rx, at.y * k.y + ry, at.z * k.z + rz};
+    }
+    run_cluster(L, cluster);
   }
   g_launch = nullptr;
+  return cudaSuccess;
 }
 
 }  // namespace emu
@@ -813,12 +1052,12 @@ void run_launch(const char* name, const void* kernel, const LaunchConfig& c, voi
 using emu::g_mutex;
 
 namespace {
-bool valid_device(int d) { return d >= 0 && d < static_cast<int>(emu::g_device_optin.size()); }
+bool valid_device(int d) { return d >= 0 && d < static_cast<int>(emu::g_devices.size()); }
 }  // namespace
 
 cudaError_t cudaGetDeviceCount(int* count) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  *count = static_cast<int>(emu::g_device_optin.size());
+  *count = static_cast<int>(emu::g_devices.size());
   return cudaSuccess;
 }
 
@@ -846,7 +1085,19 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
       *value = static_cast<int>(emu::kStaticSmemLimit);
       return cudaSuccess;
     case cudaDevAttrMaxSharedMemoryPerBlockOptin:
-      *value = emu::g_device_optin[device];
+      *value = emu::g_devices[device].optin;
+      return cudaSuccess;
+    case cudaDevAttrMultiProcessorCount:
+      *value = emu::g_devices[device].sms;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMajor:
+      *value = emu::g_devices[device].cc_major;
+      return cudaSuccess;
+    case cudaDevAttrComputeCapabilityMinor:
+      *value = emu::g_devices[device].cc_minor;
+      return cudaSuccess;
+    case cudaDevAttrClusterLaunch:
+      *value = emu::g_devices[device].cc_major >= 9 ? 1 : 0;
       return cudaSuccess;
   }
   return cudaErrorInvalidValue;
@@ -855,14 +1106,43 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
 cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
   std::lock_guard<std::mutex> lock(g_mutex);
   const int device = emu::g_current_device;
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || func == nullptr || value < 0 ||
-      value > emu::g_device_optin[device]) {
+  const emu::Device& d = emu::g_devices[device];
+  if (attr == cudaFuncAttributeNonPortableClusterSizeAllowed && func != nullptr && (value == 0 || value == 1) &&
+      d.cc_major >= 9) {
+    emu::g_nonportable_cluster[{device, func}] = value;
+    return cudaSuccess;
+  }
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || func == nullptr || value < 0 || value > d.optin) {
     emu::set_error(cudaErrorInvalidValue,
-                   emu::format("cudaFuncSetAttribute(attr %d, value %d): invalid on device %d (opt-in maximum %d B)",
-                               static_cast<int>(attr), value, device, emu::g_device_optin[device]));
+                   emu::format("cudaFuncSetAttribute(attr %d, value %d): invalid on device %d (opt-in maximum %d B, "
+                               "compute capability %d.%d)",
+                               static_cast<int>(attr), value, device, d.optin, d.cc_major, d.cc_minor));
     return cudaErrorInvalidValue;
   }
   emu::g_max_dynamic_smem[{device, func}] = value;
+  return cudaSuccess;
+}
+
+cudaError_t cudaOccupancyMaxActiveClusters(int* num_clusters, const void* func, const cudaLaunchConfig_t* config) {
+  emu::LaunchConfig c{dim3(), dim3()};
+  const cudaError_t parsed = emu::launch_config_from(config, &c);
+  if (parsed != cudaSuccess) return parsed;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  const int device = emu::g_current_device;
+  std::string why;
+  const cudaError_t err = emu::check_cluster(c, func, device, &why);
+  if (err != cudaSuccess) {
+    emu::set_error(err, "cudaOccupancyMaxActiveClusters: " + why);
+    return err;
+  }
+  const std::uint64_t size = std::uint64_t{c.cluster.x} * c.cluster.y * c.cluster.z;
+  std::size_t allowed = emu::kDefaultDynamicSmem;
+  const auto it = emu::g_max_dynamic_smem.find({device, func});
+  if (it != emu::g_max_dynamic_smem.end()) allowed = static_cast<std::size_t>(it->second);
+  const std::uint64_t threads = std::uint64_t{c.block.x} * c.block.y * c.block.z;
+  // One block per SM, as a block of vtprune's cluster kernel takes most of an SM's shared memory.
+  const bool fits = c.smem <= allowed && threads >= 1 && threads <= static_cast<std::uint64_t>(emu::kMaxThreads);
+  *num_clusters = fits ? static_cast<int>(emu::g_devices[device].sms / size) : 0;
   return cudaSuccess;
 }
 
@@ -893,6 +1173,8 @@ const char* cudaGetErrorName(cudaError_t error) {
     case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
     case cudaErrorMisalignedAddress: return "cudaErrorMisalignedAddress";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
+    case cudaErrorNotSupported: return "cudaErrorNotSupported";
+    case cudaErrorInvalidClusterSize: return "cudaErrorInvalidClusterSize";
   }
   return "cudaErrorUnknown";
 }
@@ -913,6 +1195,8 @@ const char* base_error_string(cudaError_t error) {
     case cudaErrorLaunchOutOfResources: return "too many resources requested for launch";
     case cudaErrorMisalignedAddress: return "misaligned address";
     case cudaErrorLaunchFailure: return "unspecified launch failure";
+    case cudaErrorNotSupported: return "operation not supported";
+    case cudaErrorInvalidClusterSize: return "invalid cluster size";
   }
   return "unknown error";
 }
@@ -968,19 +1252,23 @@ __attribute__((visibility("default"))) void emu_set_poison(unsigned int word) {
   emu::g_poison = word;
 }
 
-// Index of an emulated device whose opt-in shared memory limit is `optin` bytes, added if there is
-// none yet (devices never change once created: the kernels cache the attribute per device).
-// -1 when the device table is full or optin is not positive.
-__attribute__((visibility("default"))) int emu_device_for_optin(int optin) {
+// Index of an emulated device with this opt-in shared memory limit (bytes) and compute capability,
+// added if there is none yet (devices never change once created: the kernels cache attributes per
+// device). -1 when the device table is full or an argument is out of range.
+__attribute__((visibility("default"))) int emu_device_for(int optin, int cc_major, int cc_minor) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (optin <= 0) return -1;
-  for (std::size_t d = 0; d < emu::g_device_optin.size(); ++d) {
-    if (emu::g_device_optin[d] == optin) return static_cast<int>(d);
+  if (optin <= 0 || cc_major < 1 || cc_minor < 0) return -1;
+  for (std::size_t d = 0; d < emu::g_devices.size(); ++d) {
+    const emu::Device& e = emu::g_devices[d];
+    if (e.optin == optin && e.cc_major == cc_major && e.cc_minor == cc_minor) return static_cast<int>(d);
   }
-  if (emu::g_device_optin.size() >= static_cast<std::size_t>(emu::kMaxDevices)) return -1;
-  emu::g_device_optin.push_back(optin);
-  return static_cast<int>(emu::g_device_optin.size() - 1);
+  if (emu::g_devices.size() >= static_cast<std::size_t>(emu::kMaxDevices)) return -1;
+  emu::g_devices.push_back(emu::Device{optin, cc_major, cc_minor, emu::kDefaultSms});
+  return static_cast<int>(emu::g_devices.size() - 1);
 }
+
+// The compute capability 9.0 device with this opt-in limit (see emu_device_for).
+__attribute__((visibility("default"))) int emu_device_for_optin(int optin) { return emu_device_for(optin, 9, 0); }
 
 // The device every pointer reports (cudaPointerGetAttributes), i.e. where the data "lives".
 __attribute__((visibility("default"))) int emu_set_pointer_device(int device) {

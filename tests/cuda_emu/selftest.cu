@@ -1,11 +1,13 @@
 // Kernels that test the CUDA emulator itself (tests/test_cuda_emu.py): planted bugs it must
 // detect (a divergent __syncthreads, a divergent shuffle, a shared-memory race, an inter-block
 // race, a read of unwritten shared memory, a misaligned WMMA pointer, launch configurations the
-// runtime refuses) and intrinsics whose results it must get right. Each launcher is a C symbol
+// runtime refuses, a missing or divergent cluster.sync) and intrinsics whose results it must get right. Each launcher is a C symbol
 // for ctypes and returns the launch's cudaError_t.
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 #include <cuda_runtime_api.h>
 #include <mma.h>
 
@@ -235,6 +237,107 @@ EMU_EXPORT int emu_test_wmma(int dtype, const void* a, int a_offset, const void*
 EMU_EXPORT int emu_test_shared_overflow(int* out) {
   shared_overflow_kernel<<<1, 64>>>(out);
   return cudaGetLastError();
+}
+
+// ---- thread-block clusters
+
+namespace {
+
+namespace cg = cooperative_groups;
+
+// Every thread publishes a value in its block's static and dynamic shared memory, then reads the
+// slot of the same thread in the next block of the cluster through distributed shared memory.
+// Without the first cluster.sync() the read races the neighbour's write (unwritten poison, or
+// the value, depending on the schedule). out[block, thread] = 2 values + the cluster indices.
+__global__ void cluster_exchange_kernel(int* out, bool with_sync) {
+  __shared__ int statics[256];
+  extern __shared__ int dynamic[];
+  cg::cluster_group cluster = cg::this_cluster();
+  const unsigned rank = cluster.block_rank();
+  const unsigned t = threadIdx.x;
+  statics[t] = static_cast<int>(1000 * rank + t);
+  dynamic[t] = static_cast<int>(-1000 * static_cast<int>(rank) - static_cast<int>(t));
+  if (with_sync) cluster.sync();
+  const unsigned next = (rank + 1) % cluster.num_blocks();
+  const int a = *cluster.map_shared_rank(&statics[t], next);
+  const int b = *cluster.map_shared_rank(dynamic + t, next);
+  cluster.sync();  // the neighbour's shared memory stays valid until every read is done
+  int* o = out + (static_cast<size_t>(blockIdx.x) * blockDim.x + t) * 6;
+  o[0] = a;
+  o[1] = b;
+  o[2] = static_cast<int>(rank);
+  o[3] = static_cast<int>(cluster.num_blocks());
+  o[4] = static_cast<int>(cluster.dim_blocks().x);
+  o[5] = static_cast<int>(cluster.block_index().x);
+}
+
+// Block `skip` of every cluster leaves before the cluster barrier that the others wait at.
+__global__ void cluster_divergent_kernel(int* out, unsigned skip) {
+  cg::cluster_group cluster = cg::this_cluster();
+  if (cluster.block_rank() != skip) cluster.sync();
+  out[blockIdx.x * blockDim.x + threadIdx.x] = 1;
+}
+
+// Points the runtime at the emulated device that owns `out` (as DeviceGuard does in csrc).
+cudaError_t use_device_of(const void* out) {
+  cudaPointerAttributes attr{};
+  const cudaError_t err = cudaPointerGetAttributes(&attr, out);
+  return err != cudaSuccess ? err : cudaSetDevice(attr.device);
+}
+
+cudaLaunchConfig_t cluster_config(unsigned blocks, unsigned threads, unsigned cluster, size_t smem, cudaLaunchAttribute* attr) {
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = cluster;
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cfg;
+}
+
+}  // namespace
+
+// nonportable: set cudaFuncAttributeNonPortableClusterSizeAllowed first. Returns the launch's
+// own error, else cudaGetLastError().
+EMU_EXPORT int emu_test_cluster_exchange(int* out, unsigned blocks, unsigned threads, unsigned cluster, int with_sync,
+                                         int nonportable) {
+  (void)cudaGetLastError();  // an earlier test's error is not this launch's
+  cudaError_t err = use_device_of(out);
+  if (err == cudaSuccess && nonportable) {
+    err = cudaFuncSetAttribute(cluster_exchange_kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
+  }
+  if (err == cudaSuccess) {
+    cudaLaunchAttribute attr{};
+    const cudaLaunchConfig_t cfg = cluster_config(blocks, threads, cluster, threads * sizeof(int), &attr);
+    err = cudaLaunchKernelEx(&cfg, cluster_exchange_kernel, out, with_sync != 0);
+    if (err == cudaSuccess) err = cudaGetLastError();
+  }
+  cudaSetDevice(0);
+  return err;
+}
+
+EMU_EXPORT int emu_test_cluster_divergent(int* out, unsigned blocks, unsigned threads, unsigned cluster, unsigned skip) {
+  (void)cudaGetLastError();
+  cudaLaunchAttribute attr{};
+  const cudaLaunchConfig_t cfg = cluster_config(blocks, threads, cluster, 0, &attr);
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, cluster_divergent_kernel, out, skip);
+  return err != cudaSuccess ? err : cudaGetLastError();
+}
+
+// cudaOccupancyMaxActiveClusters for the exchange kernel (-1 on error).
+EMU_EXPORT int emu_test_max_active_clusters(unsigned threads, unsigned cluster) {
+  cudaLaunchAttribute attr{};
+  const cudaLaunchConfig_t cfg = cluster_config(cluster, threads, cluster, threads * sizeof(int), &attr);
+  int count = -1;
+  if (cudaOccupancyMaxActiveClusters(&count, cluster_exchange_kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return -1;
+  }
+  return count;
 }
 
 EMU_EXPORT const char* emu_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }

@@ -52,6 +52,8 @@ class Provider:
     quick: bool = True
     #: Added to every row of this provider (e.g. "Triton interpreter: timing is meaningless").
     note: str = ""
+    #: Skip cases with more tokens than this (a kernel that takes only up to N tokens), with a note.
+    max_n: float = math.inf
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,10 @@ def _run_provider(
     if op.work(case) > prov.max_work:
         row.status = "skipped"
         row.note = "skipped: too slow on this device (dense per-step work)"
+        return row
+    if getattr(case, "n", 0) > prov.max_n:
+        row.status = "skipped"
+        row.note = f"skipped: this provider takes at most {prov.max_n:g} tokens"
         return row
     oom = False
     try:

@@ -36,7 +36,7 @@ SHAPES = {
 #: What a 2-core CPU finishes in minutes; the issue-2 targets are the first two.
 CPU_SHAPES = ("llava15-k64", "n2880-k160", "llava15-k128", "llavanext-crops", "serving-b32", "qwen-n16384")
 QUICK_SHAPES = ("quick-n97-k8", "quick-n97-k16", "quick-n193-k16")
-PROVIDERS = ("reference_loop", "reference", "torch", "torch.compile", "triton", "cuda", "triton_graph", "cuda_graph")
+PROVIDERS = ("reference_loop", "reference", "torch", "torch.compile", "triton", "cuda", "cuda_cluster", "triton_graph", "cuda_graph")
 
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype) -> SimpleNamespace:
@@ -139,8 +139,26 @@ def providers(device: torch.device, dtype: torch.dtype) -> dict[str, Provider | 
 
     out["torch.compile"] = Provider("torch.compile", run_compiled, quick=False)
     out.update(kernel_providers("scope_select", device, _select))
+    out["cuda_cluster"] = _cluster_provider(out["cuda"], device)
     out.update(_graph_providers(device))
     return out
+
+
+def _cluster_provider(cuda: Provider | str, device: torch.device) -> Provider | str:
+    """The CUDA kernel on a thread-block cluster per image (``cluster_size=0``: the launcher picks
+    the size), next to ``cuda`` so that one run measures both; or why it cannot run here."""
+    if not isinstance(cuda, Provider):
+        return cuda
+    major, _ = torch.cuda.get_device_capability(device)
+    if major < 9:
+        return f"thread-block clusters need compute capability 9.0, this GPU has {major}.x"
+    from vtprune import _cuda
+    from vtprune.similarity import SCOPE_FP32_MAX_N
+
+    def run(i: SimpleNamespace) -> Tensor:
+        return _cuda.scope_select(i.x, i.s, i.k, 1.0, "mul", None, False, cluster_size=0)
+
+    return Provider("cuda_cluster", run, max_n=SCOPE_FP32_MAX_N, note="cluster kernel, size chosen by the launcher")
 
 
 BENCH = OpBench(

@@ -40,6 +40,8 @@ enum cudaError {
   cudaErrorLaunchOutOfResources = 701,
   cudaErrorMisalignedAddress = 716,
   cudaErrorLaunchFailure = 719,
+  cudaErrorNotSupported = 801,
+  cudaErrorInvalidClusterSize = 912,
 };
 typedef enum cudaError cudaError_t;
 
@@ -63,12 +65,49 @@ struct cudaPointerAttributes {
 
 enum cudaDeviceAttr {
   cudaDevAttrMaxSharedMemoryPerBlock = 8,
+  cudaDevAttrMultiProcessorCount = 16,
+  cudaDevAttrComputeCapabilityMajor = 75,
+  cudaDevAttrComputeCapabilityMinor = 76,
   cudaDevAttrMaxSharedMemoryPerBlockOptin = 97,
+  cudaDevAttrClusterLaunch = 120,
 };
 
 enum cudaFuncAttribute {
   cudaFuncAttributeMaxDynamicSharedMemorySize = 8,
+  cudaFuncAttributeNonPortableClusterSizeAllowed = 14,
 };
+
+// ---- extensible launches (thread-block clusters); only the cluster attribute is emulated
+
+enum cudaLaunchAttributeID {
+  cudaLaunchAttributeIgnore = 0,
+  cudaLaunchAttributeClusterDimension = 4,
+};
+
+union cudaLaunchAttributeValue {
+  char pad[64];
+  struct {
+    unsigned int x;
+    unsigned int y;
+    unsigned int z;
+  } clusterDim;
+};
+
+struct cudaLaunchAttribute {
+  enum cudaLaunchAttributeID id;
+  union cudaLaunchAttributeValue val;
+};
+typedef struct cudaLaunchAttribute cudaLaunchAttribute;
+
+struct cudaLaunchConfig_st {
+  dim3 gridDim;
+  dim3 blockDim;
+  std::size_t dynamicSmemBytes;
+  cudaStream_t stream;
+  cudaLaunchAttribute* attrs;
+  unsigned int numAttrs;
+};
+typedef struct cudaLaunchConfig_st cudaLaunchConfig_t;
 
 // ---- runtime API (tests/cuda_emu/emu.cpp)
 
@@ -84,11 +123,19 @@ const char* cudaGetErrorName(cudaError_t error);
 cudaError_t cudaPointerGetAttributes(struct cudaPointerAttributes* attributes, const void* ptr);
 cudaError_t cudaDriverGetVersion(int* version);
 cudaError_t cudaRuntimeGetVersion(int* version);
+// Clusters of config's size that fit on the device at once (0 if none can run), as the real call;
+// the emulated device has cudaDevAttrMultiProcessorCount SMs and one block per SM.
+cudaError_t cudaOccupancyMaxActiveClusters(int* num_clusters, const void* func, const cudaLaunchConfig_t* config);
 
 // cuda_runtime.h's C++ overload: takes the kernel itself.
 template <typename T>
 inline cudaError_t cudaFuncSetAttribute(T* entry, enum cudaFuncAttribute attr, int value) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(entry), attr, value);
+}
+
+template <typename T>
+inline cudaError_t cudaOccupancyMaxActiveClusters(int* num_clusters, T* func, const cudaLaunchConfig_t* config) {
+  return cudaOccupancyMaxActiveClusters(num_clusters, reinterpret_cast<const void*>(func), config);
 }
 
 #if defined(__CUDACC__)

@@ -115,23 +115,43 @@ struct LaunchConfig {
   dim3 block;
   std::size_t smem;
   cudaStream_t stream;
-  LaunchConfig(dim3 g, dim3 b, std::size_t s = 0, cudaStream_t st = nullptr) : grid(g), block(b), smem(s), stream(st) {}
+  dim3 cluster;  // blocks per thread-block cluster (1,1,1: no cluster)
+  LaunchConfig(dim3 g, dim3 b, std::size_t s = 0, cudaStream_t st = nullptr, dim3 c = dim3(1, 1, 1))
+      : grid(g), block(b), smem(s), stream(st), cluster(c) {}
 };
 
 using Thunk = void (*)(const void* kernel, void* params);
-// Runs the whole grid before returning; errors go to cudaGetLastError, as a launch's do.
-void run_launch(const char* name, const void* kernel, const LaunchConfig& config, void* params, Thunk thunk);
+// Runs the whole grid before returning. A configuration the runtime refuses is returned (and
+// recorded for cudaGetLastError); a failure while running goes to cudaGetLastError only, as a
+// launch's asynchronous errors do.
+cudaError_t run_launch(const char* name, const void* kernel, const LaunchConfig& config, void* params, Thunk thunk);
 
 template <typename... P, typename... A>
-void launch(const char* name, void (*kernel)(P...), const LaunchConfig& config, A&&... args) {
+cudaError_t launch(const char* name, void (*kernel)(P...), const LaunchConfig& config, A&&... args) {
   static_assert(sizeof...(P) == sizeof...(A), "kernel launched with the wrong number of arguments");
   // Converted to the parameter types once, at the launch, as CUDA copies them to parameter space.
   using Params = std::tuple<std::decay_t<P>...>;
   Params params(std::forward<A>(args)...);
-  run_launch(name, reinterpret_cast<const void*>(kernel), config, &params, [](const void* k, void* p) {
+  return run_launch(name, reinterpret_cast<const void*>(kernel), config, &params, [](const void* k, void* p) {
     std::apply(reinterpret_cast<void (*)(P...)>(const_cast<void*>(k)), *static_cast<Params*>(p));
   });
 }
+
+// The launch attributes of cudaLaunchKernelEx the emulator understands (the cluster dimension);
+// any other attribute is refused (cudaErrorInvalidValue) rather than ignored.
+cudaError_t launch_config_from(const cudaLaunchConfig_t* config, LaunchConfig* out);
+
+// ---- thread-block clusters (cooperative_groups::this_cluster(), see cooperative_groups.h)
+
+// Rendezvous of every thread of every block of the running cluster (barrier.cluster).
+void cluster_sync(const char* file, int line);
+unsigned cluster_block_rank();
+unsigned cluster_num_blocks();
+dim3 cluster_dim_blocks();
+uint3 cluster_block_index();
+// The address of the same shared-memory object in the block of rank `rank` of the cluster
+// (distributed shared memory). `addr` must point into the running block's shared memory.
+void* cluster_map_shared_rank(const void* addr, unsigned rank);
 
 // ---- shared memory (the targets of rewrite.py's __shared__ rewrite)
 
@@ -147,3 +167,12 @@ T* block_shared(const void* key, std::size_t align, const char* name) {
 void* dynamic_shared();
 
 }  // namespace emu
+
+// cuda_runtime.h's C++ cudaLaunchKernelEx: the kernel's arguments converted as for <<<...>>>.
+template <typename... P, typename... A>
+inline cudaError_t cudaLaunchKernelEx(const cudaLaunchConfig_t* config, void (*kernel)(P...), A&&... args) {
+  ::emu::LaunchConfig c{dim3(), dim3()};
+  const cudaError_t err = ::emu::launch_config_from(config, &c);
+  if (err != cudaSuccess) return err;
+  return ::emu::launch("cudaLaunchKernelEx", kernel, c, std::forward<A>(args)...);
+}

@@ -32,9 +32,10 @@
 #include "emu_api.h"
 
 #define threadIdx (static_cast<const uint3&>(::emu::g_thread->idx))
-#define blockIdx (static_cast<const uint3&>(::emu::g_block_idx))
-#define blockDim (static_cast<const dim3&>(::emu::g_block_dim))
-#define gridDim (static_cast<const dim3&>(::emu::g_grid_dim))
+// References, not macros: cudaLaunchConfig_t has members named gridDim and blockDim.
+inline const uint3& blockIdx = ::emu::g_block_idx;
+inline const dim3& blockDim = ::emu::g_block_dim;
+inline const dim3& gridDim = ::emu::g_grid_dim;
 #define warpSize 32
 
 #define __syncthreads() ::emu::syncthreads(__FILE__, __LINE__)
