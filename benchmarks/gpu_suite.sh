@@ -12,7 +12,9 @@
 #              (or one of them: sanitizer-memcheck, sanitizer-racecheck, sanitizer-synccheck)
 #   bench      the SCOPE, HoloV and attention-importance tables (or one: bench-scope, bench-holov,
 #              bench-attention), each to OUT_DIR/<op>.json and <op>.md, and OUT_DIR/<op>.png
-#              (latency vs N / k / L per provider) when matplotlib is installed
+#              (latency vs N / k / L per provider) when matplotlib is installed; and bench-host:
+#              benchmarks/host_overhead.py --mode gpu (eager vs CUDA-graph time per call: the
+#              host's share of each latency) to OUT_DIR/bench-host.log
 #   summary    only rewrites OUT_DIR/summary.md from what OUT_DIR holds (always run last)
 # A session whose commands are time-limited runs the steps over several calls, e.g.
 # `build info tests`, then `build sanitizer`, then `build bench` (build is incremental), and
@@ -36,8 +38,8 @@ expanded=()
 for s in "${steps[@]}"; do
   case $s in
     sanitizer) expanded+=(sanitizer-memcheck sanitizer-racecheck sanitizer-synccheck) ;;
-    bench) expanded+=(bench-scope bench-holov bench-attention) ;;
-    build|info|tests|summary|sanitizer-memcheck|sanitizer-racecheck|sanitizer-synccheck|bench-scope|bench-holov|bench-attention)
+    bench) expanded+=(bench-scope bench-holov bench-attention bench-host) ;;
+    build|info|tests|summary|sanitizer-memcheck|sanitizer-racecheck|sanitizer-synccheck|bench-scope|bench-holov|bench-attention|bench-host)
       expanded+=("$s") ;;
     *) echo "gpu_suite: unknown step '$s'" >&2; exit 2 ;;
   esac
@@ -96,6 +98,14 @@ write_summary() {
         echo
       fi
     done
+    if [ -f "$out/bench-host.log" ]; then
+      echo "## host overhead (benchmarks/host_overhead.py --mode gpu)"
+      echo
+      echo '```'
+      cat "$out/bench-host.log"
+      echo '```'
+      echo
+    fi
   } > "$out/summary.md"
   echo "gpu_suite: wrote $out/summary.md"
 }
@@ -123,6 +133,7 @@ for s in "${expanded[@]}"; do
       driver_args=()
       [ "$tool" = memcheck ] && driver_args=(--triton)
       step "$s" compute-sanitizer --tool "$tool" --error-exitcode 1 $py benchmarks/sanitizer_driver.py ${driver_args[@]+"${driver_args[@]}"} ;;
+    bench-host) step "$s" $py benchmarks/host_overhead.py --mode gpu ;;
     bench-*)
       op=${s#bench-}
       rm -f "$out/$op.json" "$out/$op.md" "$out/$op.png"  # no stale table from an earlier run

@@ -53,13 +53,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import statistics
 import sys
 import time
-import types
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -67,11 +68,19 @@ import torch
 _STUB_MODE = not ("--mode=gpu" in sys.argv or any(a == "--mode" and b == "gpu" for a, b in zip(sys.argv, sys.argv[1:])))
 if _STUB_MODE:
     # The Triton wrappers accept CPU tensors only when their kernels are interpreted; the kernels
-    # themselves are replaced below, so the interpreter never runs.
+    # themselves are replaced (host_stubs.stubbed), so the interpreter never runs.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import vtprune  # noqa: E402
-from vtprune import _cuda, _dispatch, ops  # noqa: E402
+from vtprune import _dispatch, ops  # noqa: E402
+
+try:
+    from vtprune.bench import host_stubs  # noqa: E402
+except ImportError:  # a vtprune from before host_stubs, measured for comparison: this checkout's copy
+    _spec = importlib.util.spec_from_file_location(
+        "host_stubs", Path(__file__).resolve().parents[1] / "python" / "vtprune" / "bench" / "host_stubs.py")
+    host_stubs = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(host_stubs)
 
 # ----------------------------------------------------------------------------- cases
 
@@ -142,98 +151,7 @@ def _cases(
     return cases
 
 
-# ----------------------------------------------------------------------------- stubs
-
-
-class _StubC(types.ModuleType):
-    """``vtprune._C``'s interface with launchers that do nothing (for :func:`_cuda._emulated`)."""
-
-    def __init__(self) -> None:
-        super().__init__("vtprune_stub_C")
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if name.endswith("_workspace_bytes"):
-            return lambda *args, **kwargs: 256
-        return lambda *args, **kwargs: None
-
-
-class _NoLaunch:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` does nothing.
-    Named like Triton's interpreter class so the wrappers' device check takes CPU tensors."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-_NoLaunch.__name__ = "InterpretedFunction"
-
-
-@contextlib.contextmanager
-def device_side_values() -> Iterator[None]:
-    """The wrappers' value checks decide as for index tensors on the GPU (read only with
-    ``check_values=True``), so the CPU stand-ins take the GPU path's checks, not the CPU's."""
-    from vtprune import _validation
-
-    real = getattr(_validation, "read_values", None)
-    if real is None:  # an older vtprune: its checks read the tensors on every device
-        yield
-        return
-    _validation.read_values = lambda x, check_values: check_values and _validation.eager()
-    try:
-        yield
-    finally:
-        _validation.read_values = real
-
-
-@contextlib.contextmanager
-def stubbed(backend: str) -> Iterator[None]:
-    """Kernel launches of ``backend`` replaced by no-ops for the duration."""
-    if backend == "cuda":
-        with _cuda._emulated(_StubC()):
-            yield
-        return
-    import importlib
-
-    saved = []
-    for name in ("scope", "holov", "attention", "coverage", "similarity"):
-        module = vars(importlib.import_module(f"vtprune.triton_kernels.{name}"))
-        for attr, value in list(module.items()):
-            if type(value).__name__ in ("JITFunction", "InterpretedFunction"):  # @triton.jit kernels
-                saved.append((module, attr, value))
-                module[attr] = _NoLaunch()
-    try:
-        yield
-    finally:
-        for module, attr, value in saved:
-            module[attr] = value
-
-
 # ----------------------------------------------------------------------------- measurement
-
-
-def dispatched_ops(fn: Callable[[], object]) -> list[str]:
-    """Top-level torch operators one call of ``fn`` dispatches (nested operators not counted),
-    after one warm-up call (which may fill per-shape caches)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    names = []
-    for ev in prof.events():
-        if not ev.name.startswith("aten::"):
-            continue
-        parent, nested = ev.cpu_parent, False
-        while parent is not None:
-            if parent.name.startswith("aten::"):
-                nested = True
-                break
-            parent = parent.cpu_parent
-        if not nested:
-            names.append(ev.name[len("aten::"):])
-    return names
 
 
 def per_call_us(fn: Callable[[], object], repeat: int, rounds: int = 7) -> float:
@@ -296,7 +214,7 @@ def run_stub(names: list[str] | None, repeat: int, show_ops: bool, device_values
     print("-" * len(header))
     listing = []
     for backend in ("cuda", "triton"):
-        with stubbed(backend), (device_side_values() if device_values else contextlib.nullcontext()):
+        with host_stubs.stubbed(backend), (host_stubs.device_side_values() if device_values else contextlib.nullcontext()):
             for case in _cases(device, backend, n=32, d=16, k=8, batch=1, length_l=32):
                 if names and case.name not in names and case.name.split("+")[0] not in names:
                     continue
@@ -305,7 +223,7 @@ def run_stub(names: list[str] | None, repeat: int, show_ops: bool, device_values
                 except NotImplementedError:
                     print(f"{case.name:28s} {backend:7s}  (not implemented by this backend)")
                     continue
-                opnames = dispatched_ops(case.public)
+                opnames = host_stubs.top_level_ops(case.public)
                 via_op = goes_through_custom_op(case)
                 total = per_call_us(case.public, repeat)
                 op = per_call_us(case.op, repeat)
@@ -355,7 +273,7 @@ def run_gpu(names: list[str] | None, repeat: int, n: int, d: int, k: int, length
             except Exception as exc:  # a call that syncs cannot be captured: say so in the row
                 graph_s = f"capture failed: {type(exc).__name__}: {str(exc)[:60]}"
             wall = _wall_us(case.public, repeat)
-            count = len(dispatched_ops(case.public))
+            count = len(host_stubs.top_level_ops(case.public))
             print(f"{case.name:28s} {backend:7s} {count:4d} {event:8.1f} {graph_s:>8s} {host_s:>8s} {wall:8.1f}")
 
 

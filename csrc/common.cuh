@@ -57,10 +57,21 @@ class DeviceGuard {
     if (attr.type != cudaMemoryTypeDevice && attr.type != cudaMemoryTypeManaged) {
       return cudaErrorInvalidValue;  // host pointer handed to a device kernel
     }
+    return set(attr.device);
+  }
+
+  // As above, for a launcher that also needs to know which device that is.
+  cudaError_t set_from_pointer(const void* ptr, int* device) {
+    VTPRUNE_CUDA_TRY(set_from_pointer(ptr));
+    return cudaGetDevice(device);
+  }
+
+  // Makes `device` current (for a launcher that is given the device rather than a pointer).
+  cudaError_t set(int device) {
     int current = -1;
     VTPRUNE_CUDA_TRY(cudaGetDevice(&current));
-    if (current != attr.device) {
-      VTPRUNE_CUDA_TRY(cudaSetDevice(attr.device));
+    if (current != device) {
+      VTPRUNE_CUDA_TRY(cudaSetDevice(device));
       previous_ = current;
     }
     return cudaSuccess;

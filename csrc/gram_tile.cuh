@@ -12,6 +12,9 @@
 // * TileAccumulator<T>::type: the tile itself. 16-bit inputs use tensor cores (WMMA 16x16x16,
 //   products exact in fp32, fp32 accumulation) from sm_80 on; fp32 inputs (and 16-bit inputs below
 //   sm_80, where bf16 WMMA does not exist) use plain fp32 FMAs, never TF32.
+// * gram_begin / gram_chunk: the above put together, one tile's first loads and one chunk step
+//   (double buffering, barriers, norms), so every kernel runs the same steps; what the tile and the
+//   norms become is the kernel's.
 //
 // Device code only: include it from .cu files.
 #pragma once
@@ -64,54 +67,65 @@ struct ChunkStage {
   T elem[kVec ? 1 : kElems];
   uint4 vec[kVec ? kVecs : 1];
 
+  // Where this thread's s-th vector (kVec) or element (otherwise) sits in the chunk: fetch and
+  // store must agree on it, so both take it from here.
+  struct Slot {
+    int r;   // row
+    int kk;  // first feature, relative to the chunk start
+  };
+  __device__ static __forceinline__ Slot slot(int s) {
+    if constexpr (kVec) {
+      constexpr int kVecsPerRow = Cfg::kK / Cfg::kVec;
+      const int v = threadIdx.x + s * kGramThreads;
+      return {v / kVecsPerRow, (v % kVecsPerRow) * Cfg::kVec};
+    } else {
+      const int e = threadIdx.x + s * kGramThreads;
+      return {e / Cfg::kK, e % Cfg::kK};
+    }
+  }
+
   __device__ __forceinline__ void fetch(const T* __restrict__ rows_base, int rows, int64_t stride_n,
                                         int64_t d0, int64_t D) {
     if constexpr (kVec) {
-      constexpr int kVecsPerRow = Cfg::kK / Cfg::kVec;
 #pragma unroll
       for (int s = 0; s < kVecs; ++s) {
-        const int v = threadIdx.x + s * kGramThreads;
-        const int r = v / kVecsPerRow;
-        const int64_t d = d0 + (v % kVecsPerRow) * Cfg::kVec;
+        const Slot p = slot(s);
+        const int64_t d = d0 + p.kk;
         // D is a multiple of kVec here, so a vector is either wholly inside [0, D) or wholly out.
-        vec[s] = (r < rows && d < D)
-                     ? *reinterpret_cast<const uint4*>(rows_base + r * stride_n + d)
+        vec[s] = (p.r < rows && d < D)
+                     ? *reinterpret_cast<const uint4*>(rows_base + p.r * stride_n + d)
                      : make_uint4(0u, 0u, 0u, 0u);
       }
     } else {
 #pragma unroll
       for (int s = 0; s < kElems; ++s) {
-        const int e = threadIdx.x + s * kGramThreads;
-        const int r = e / Cfg::kK;
-        const int64_t d = d0 + e % Cfg::kK;
-        elem[s] = (r < rows && d < D) ? rows_base[r * stride_n + d] : zero_of<T>();
+        const Slot p = slot(s);
+        const int64_t d = d0 + p.kk;
+        elem[s] = (p.r < rows && d < D) ? rows_base[p.r * stride_n + d] : zero_of<T>();
       }
     }
   }
 
   __device__ __forceinline__ void store(T (*smem)[Cfg::kLd]) const {
     if constexpr (kVec) {
-      constexpr int kVecsPerRow = Cfg::kK / Cfg::kVec;
 #pragma unroll
       for (int s = 0; s < kVecs; ++s) {
-        const int v = threadIdx.x + s * kGramThreads;
-        const int r = v / kVecsPerRow;
-        const int kk = (v % kVecsPerRow) * Cfg::kVec;
+        const Slot p = slot(s);
         if constexpr (sizeof(T) == 2) {
           // 16-bit pitch 144 bytes and kk a multiple of 8: the 16-byte store is aligned.
-          *reinterpret_cast<uint4*>(&smem[r][kk]) = vec[s];
+          *reinterpret_cast<uint4*>(&smem[p.r][p.kk]) = vec[s];
         } else {
           // fp32 pitch 33 floats is not 16-byte aligned: store the four lanes one by one.
           const float* f = reinterpret_cast<const float*>(&vec[s]);
 #pragma unroll
-          for (int u = 0; u < 4; ++u) smem[r][kk + u] = f[u];
+          for (int u = 0; u < 4; ++u) smem[p.r][p.kk + u] = f[u];
         }
       }
     } else {
 #pragma unroll
       for (int s = 0; s < kElems; ++s) {
-        const int e = threadIdx.x + s * kGramThreads;
-        smem[e / Cfg::kK][e % Cfg::kK] = elem[s];
+        const Slot p = slot(s);
+        smem[p.r][p.kk] = elem[s];
       }
     }
   }
@@ -246,6 +260,69 @@ struct TileAccumulator {
   using type = FmaTile<T>;
 };
 #endif
+
+// Partial squared norms of one thread's tile row and tile column, as gram_chunk leaves them: still to
+// be summed over the row's four threads with quad_sum.
+struct TileSumsq {
+  float row = 0.0f;
+  float col = 0.0f;
+};
+
+// One 64 x 64 Gram tile, rows [row_base, + rows_valid) against columns [col_base, + cols_valid),
+// both with row stride stride_n, over D features, is run by the kernel as
+//
+//   typename TileAccumulator<T>::type acc;
+//   TileSumsq ss;
+//   ChunkStage<T, kVec> stage_a, stage_b;
+//   gram_begin(acc, stage_a, stage_b, row_base, rows_valid, col_base, cols_valid, same, stride_n, D);
+//   for (int64_t d0 = 0; d0 < D; d0 += GramCfg<T>::kK) {
+//     gram_chunk(acc, ss, stage_a, stage_b, a_s, b_s, ..., d0, D, token, quarter, row_norms);
+//   }
+//   acc.store(cs);
+//
+// The loop stays in the kernel, and the state in separate locals: with the loop inside one helper,
+// or the state in one struct, nvcc schedules the tile differently (it hoists the per-thread row
+// offsets out of the loop) and ptxas -v reports more spills for the 16-bit kernels of holov.cu and
+// similarity.cu on sm_80 and sm_90.
+// same: the columns are the rows (a diagonal tile), read once into a_s; b_s is then untouched.
+// gram_chunk has __syncthreads: D, same, row_norms, rows_valid and cols_valid must be uniform over
+// the block, and after the last chunk a_s/b_s are free again.
+
+// Zeroes the tile and starts the first chunk's loads.
+template <typename T, bool kVec, typename Acc>
+__device__ __forceinline__ void gram_begin(Acc& acc, ChunkStage<T, kVec>& stage_a, ChunkStage<T, kVec>& stage_b,
+                                           const T* row_base, int rows_valid, const T* col_base, int cols_valid,
+                                           bool same, int64_t stride_n, int64_t D) {
+  acc.zero();
+  if (D > 0) {
+    stage_a.fetch(row_base, rows_valid, stride_n, 0, D);
+    if (!same) stage_b.fetch(col_base, cols_valid, stride_n, 0, D);
+  }
+}
+
+// Chunk d0: stage it in shared memory, start the next chunk's loads (in flight during this chunk's
+// math), then add this chunk to the tile and to the squared norms: thread 4 token + quarter sums its
+// part of row token `token` (only when row_norms) and of column token `token`.
+template <typename T, bool kVec, typename Acc>
+__device__ __forceinline__ void gram_chunk(Acc& acc, TileSumsq& ss, ChunkStage<T, kVec>& stage_a,
+                                           ChunkStage<T, kVec>& stage_b, T (*a_s)[GramCfg<T>::kLd],
+                                           T (*b_s)[GramCfg<T>::kLd], const T* row_base, int rows_valid,
+                                           const T* col_base, int cols_valid, bool same, int64_t stride_n,
+                                           int64_t d0, int64_t D, int token, int quarter, bool row_norms) {
+  using Cfg = GramCfg<T>;
+  const T(*b_tile)[Cfg::kLd] = same ? a_s : b_s;
+  stage_a.store(a_s);
+  if (!same) stage_b.store(b_s);
+  __syncthreads();
+  if (d0 + Cfg::kK < D) {
+    stage_a.fetch(row_base, rows_valid, stride_n, d0 + Cfg::kK, D);
+    if (!same) stage_b.fetch(col_base, cols_valid, stride_n, d0 + Cfg::kK, D);
+  }
+  if (row_norms) ss.row += chunk_sumsq<T>(a_s, token, quarter);
+  ss.col += chunk_sumsq<T>(b_tile, token, quarter);
+  acc.accumulate(a_s, b_tile, rows_valid, cols_valid);
+  __syncthreads();  // a_s/b_s are overwritten by the next chunk
+}
 
 }  // namespace gram
 }  // namespace vtprune

@@ -157,7 +157,7 @@ int* int32_section(void* workspace, int64_t B, int64_t C, int i) {
 
 // ----------------------------------------------------------------------------- launch 1: Gram statistics
 
-// The Gram tile (ChunkStage, chunk_sumsq, quad_sum, TileAccumulator, kTile, ...) is csrc/gram_tile.cuh.
+// The Gram tile (gram_begin, gram_chunk, quad_sum, kTile, ...) is csrc/gram_tile.cuh.
 using namespace gram;
 
 // Running count, mean and sum of squared deviations of one row's similarities, merged tile by tile
@@ -189,7 +189,6 @@ holov_row_stats_kernel(const T* __restrict__ tokens, int64_t B, int64_t N, int64
                        int64_t stride_n, const int64_t* __restrict__ lengths, int64_t k, int64_t num_crops,
                        int64_t max_crops, int64_t row_tiles, float* __restrict__ var_out) {
   using Cfg = GramCfg<T>;
-  using Acc = typename TileAccumulator<T>::type;
   __shared__ __align__(128) T a_s[kTile][Cfg::kLd];
   __shared__ __align__(128) T b_s[kTile][Cfg::kLd];
   __shared__ __align__(128) float c_s[kTile][kCsLd];
@@ -229,34 +228,20 @@ holov_row_stats_kernel(const T* __restrict__ tokens, int64_t B, int64_t N, int64
       // On the diagonal tile the column tokens are the row tokens: read them once.
       const bool same = jt == t;
       const bool first = jt == 0;  // the row norms are summed during the first column tile
-      const T(*b_tile)[Cfg::kLd] = same ? a_s : b_s;
 
-      Acc acc;
-      acc.zero();
-      float row_ss = 0.0f, col_ss = 0.0f;
+      typename TileAccumulator<T>::type acc;
+      TileSumsq ss;
       ChunkStage<T, kVec> stage_a, stage_b;
-      if (D > 0) {
-        stage_a.fetch(row_base, rows_valid, stride_n, 0, D);
-        if (!same) stage_b.fetch(col_base, cols_valid, stride_n, 0, D);
-      }
+      gram_begin(acc, stage_a, stage_b, row_base, rows_valid, col_base, cols_valid, same, stride_n, D);
       for (int64_t d0 = 0; d0 < D; d0 += Cfg::kK) {
-        stage_a.store(a_s);
-        if (!same) stage_b.store(b_s);
-        __syncthreads();
-        if (d0 + Cfg::kK < D) {  // next chunk's loads overlap this chunk's math
-          stage_a.fetch(row_base, rows_valid, stride_n, d0 + Cfg::kK, D);
-          if (!same) stage_b.fetch(col_base, cols_valid, stride_n, d0 + Cfg::kK, D);
-        }
-        if (first) row_ss += chunk_sumsq<T>(a_s, row, quarter);
-        col_ss += chunk_sumsq<T>(b_tile, row, quarter);
-        acc.accumulate(a_s, b_tile, rows_valid, cols_valid);
-        __syncthreads();  // a_s/b_s are overwritten by the next chunk
+        gram_chunk(acc, ss, stage_a, stage_b, a_s, b_s, row_base, rows_valid, col_base, cols_valid, same, stride_n,
+                   d0, D, row, quarter, /*row_norms=*/first);
       }
       acc.store(c_s);
-      col_ss = quad_sum(col_ss);
+      const float col_ss = quad_sum(ss.col);
       if (quarter == 0) col_inv[row] = 1.0f / (sqrtf(col_ss) + kHolovEps);
       if (first) {
-        row_ss = quad_sum(row_ss);
+        const float row_ss = quad_sum(ss.row);
         if (quarter == 0) row_inv[row] = 1.0f / (sqrtf(row_ss) + kHolovEps);
       }
       __syncthreads();

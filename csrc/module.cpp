@@ -77,6 +77,26 @@ void check_nonnegative(const char* name, int64_t value) {
   }
 }
 
+void check_workspace(std::uintptr_t workspace_ptr, int64_t workspace_bytes, int64_t need,
+                     const char* sizer) {
+  if (workspace_ptr == 0) throw py::value_error("workspace_ptr is null");
+  if (workspace_bytes < need) {
+    throw py::value_error("workspace_bytes must be >= " + std::string(sizer) + " = " +
+                          std::to_string(need) + ", got " + std::to_string(workspace_bytes));
+  }
+}
+
+void require_ptr(const char* name, std::uintptr_t ptr) {
+  if (ptr == 0) throw py::value_error(std::string(name) + " is null");
+}
+
+// Tokens [B, N, D] with element strides (stride_b, stride_n, 1), as the token kernels take them.
+void check_token_layout(int64_t D, int64_t stride_b, int64_t stride_n) {
+  check_nonnegative("D", D);
+  check_nonnegative("stride_b", stride_b);
+  check_nonnegative("stride_n", stride_n);
+}
+
 void coverage_max_sim(std::uintptr_t tokens_ptr, int dtype, int64_t B, int64_t N, int64_t D,
                       int64_t stride_b, int64_t stride_n, std::uintptr_t indices_ptr, int64_t K,
                       std::uintptr_t lengths_ptr, std::uintptr_t out_ptr, std::uintptr_t stream) {
@@ -107,6 +127,26 @@ void coverage_max_sim(std::uintptr_t tokens_ptr, int dtype, int64_t B, int64_t N
 
 // ---- SCOPE greedy selection
 
+// The storage dtypes of a similarity matrix S: fp32, or fp16 for large images.
+void check_sim_dtype(const char* name, int dtype) {
+  if (dtype != static_cast<int>(vtprune::DType::Float32) &&
+      dtype != static_cast<int>(vtprune::DType::Float16)) {
+    throw py::value_error(std::string(name) + " must be 0 (float32) or 1 (float16), got " +
+                          std::to_string(dtype));
+  }
+}
+
+// The arrays both greedy launchers (single CTA and cluster) read or write when there is a pick.
+void require_greedy_ptrs(std::uintptr_t sim_ptr, std::uintptr_t weights_ptr,
+                         std::uintptr_t lengths_ptr, std::uintptr_t k_per_image_ptr,
+                         std::uintptr_t out_ptr) {
+  require_ptr("sim_ptr", sim_ptr);
+  require_ptr("weights_ptr", weights_ptr);
+  require_ptr("lengths_ptr", lengths_ptr);
+  require_ptr("k_per_image_ptr", k_per_image_ptr);
+  require_ptr("out_ptr", out_ptr);
+}
+
 void check_scope_sizes(int64_t B, int64_t N) {
   check_nonnegative("B", B);
   check_nonnegative("N", N);
@@ -130,27 +170,15 @@ void scope_greedy(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t weights_
                   int64_t k_max, bool mul, std::uintptr_t workspace_ptr, int64_t workspace_bytes,
                   std::uintptr_t out_ptr, std::uintptr_t stream, bool force_global_state,
                   int64_t max_list) {
-  if (sim_dtype != static_cast<int>(vtprune::DType::Float32) &&
-      sim_dtype != static_cast<int>(vtprune::DType::Float16)) {
-    throw py::value_error("sim_dtype must be 0 (float32) or 1 (float16), got " +
-                          std::to_string(sim_dtype));
-  }
+  check_sim_dtype("sim_dtype", sim_dtype);
   check_scope_sizes(B, N);
   check_nonnegative("k_max", k_max);
   check_nonnegative("workspace_bytes", workspace_bytes);
   check_nonnegative("max_list", max_list);
   if (B > 0 && N > 0 && k_max > 0) {
-    if (sim_ptr == 0) throw py::value_error("sim_ptr is null");
-    if (weights_ptr == 0) throw py::value_error("weights_ptr is null");
-    if (lengths_ptr == 0) throw py::value_error("lengths_ptr is null");
-    if (k_per_image_ptr == 0) throw py::value_error("k_per_image_ptr is null");
-    if (out_ptr == 0) throw py::value_error("out_ptr is null");
-    if (workspace_ptr == 0) throw py::value_error("workspace_ptr is null");
-    const int64_t need = vtprune::scope_workspace_bytes(B, N);
-    if (workspace_bytes < need) {
-      throw py::value_error("workspace_bytes must be >= scope_workspace_bytes(B, N) = " +
-                            std::to_string(need) + ", got " + std::to_string(workspace_bytes));
-    }
+    require_greedy_ptrs(sim_ptr, weights_ptr, lengths_ptr, k_per_image_ptr, out_ptr);
+    check_workspace(workspace_ptr, workspace_bytes, vtprune::scope_workspace_bytes(B, N),
+                    "scope_workspace_bytes(B, N)");
   }
   const cudaError_t err = vtprune::launch_scope_greedy(
       as_ptr<const void>(sim_ptr), sim_dtype, as_ptr<const float>(weights_ptr),
@@ -202,11 +230,7 @@ void scope_greedy_cluster(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t 
   }
   check_cluster_size(cluster_size);
   if (B > 0 && N > 0 && k_max > 0) {
-    if (sim_ptr == 0) throw py::value_error("sim_ptr is null");
-    if (weights_ptr == 0) throw py::value_error("weights_ptr is null");
-    if (lengths_ptr == 0) throw py::value_error("lengths_ptr is null");
-    if (k_per_image_ptr == 0) throw py::value_error("k_per_image_ptr is null");
-    if (out_ptr == 0) throw py::value_error("out_ptr is null");
+    require_greedy_ptrs(sim_ptr, weights_ptr, lengths_ptr, k_per_image_ptr, out_ptr);
   }
   const cudaError_t err = vtprune::launch_scope_greedy_cluster(
       as_ptr<const void>(sim_ptr), sim_dtype, as_ptr<const float>(weights_ptr),
@@ -267,19 +291,6 @@ void check_crop_sizes(int64_t B, int64_t C) {
   }
 }
 
-void check_workspace(std::uintptr_t workspace_ptr, int64_t workspace_bytes, int64_t need,
-                     const char* sizer) {
-  if (workspace_ptr == 0) throw py::value_error("workspace_ptr is null");
-  if (workspace_bytes < need) {
-    throw py::value_error("workspace_bytes must be >= " + std::string(sizer) + " = " +
-                          std::to_string(need) + ", got " + std::to_string(workspace_bytes));
-  }
-}
-
-void require_ptr(const char* name, std::uintptr_t ptr) {
-  if (ptr == 0) throw py::value_error(std::string(name) + " is null");
-}
-
 int64_t holov_select_workspace_bytes(int64_t B, int64_t N, int64_t k, int64_t num_crops) {
   check_holov_sizes(B, N, k, num_crops);
   return vtprune::holov_select_workspace_bytes(B, N, k, num_crops);
@@ -295,9 +306,7 @@ void holov_select(std::uintptr_t tokens_ptr, int dtype, int64_t B, int64_t N, in
                           std::to_string(dtype));
   }
   check_holov_sizes(B, N, k, num_crops);
-  check_nonnegative("D", D);
-  check_nonnegative("stride_b", stride_b);
-  check_nonnegative("stride_n", stride_n);
+  check_token_layout(D, stride_b, stride_n);
   if (!std::isfinite(alpha)) {
     throw py::value_error("alpha must be finite, got " + std::to_string(alpha));
   }
@@ -389,15 +398,9 @@ void scope_similarity(std::uintptr_t tokens_ptr, int dtype, int64_t B, int64_t N
         "dtype must be 1 (float16) or 2 (bfloat16) (float32 tokens use the torch path), got " +
         std::to_string(dtype));
   }
-  if (out_dtype != static_cast<int>(vtprune::DType::Float32) &&
-      out_dtype != static_cast<int>(vtprune::DType::Float16)) {
-    throw py::value_error("out_dtype must be 0 (float32) or 1 (float16), got " +
-                          std::to_string(out_dtype));
-  }
+  check_sim_dtype("out_dtype", out_dtype);
   check_scope_sizes(B, N);
-  check_nonnegative("D", D);
-  check_nonnegative("stride_b", stride_b);
-  check_nonnegative("stride_n", stride_n);
+  check_token_layout(D, stride_b, stride_n);
   if (B > 0 && N > 0) {
     require_ptr("out_ptr", out_ptr);
     if (D > 0) require_ptr("tokens_ptr", tokens_ptr);

@@ -39,7 +39,8 @@
 //
 // Synchronization: every phase that writes shared (or workspace) state ends with __syncthreads()
 // before another thread reads it; the tile buffers are double-buffered so one barrier per tile
-// suffices (see column_pass). The grid-stride loop over images is block-uniform.
+// suffices (see column_pass in scope_common.cuh). The grid-stride loop over images is
+// block-uniform.
 //
 // Bounds: lengths are clamped to [1, N] and k to [0, min(length, K_MAX)] inside the kernel, and
 // only rows and columns below the length are read, so no value of lengths / k reads or writes out
@@ -53,91 +54,53 @@
 
 #include "common.cuh"
 #include "kernels.h"
+#include "scope_common.cuh"
 
 namespace vtprune {
 namespace {
 
+using namespace scope_common;
+
 constexpr int kThreads = 1024;
-constexpr int kWarps = kThreads / kWarpSize;
-// Column tile: kColThreads threads x kColsPerThread columns; kRowGroups groups split the rows.
-constexpr int kColThreads = 128;
-constexpr int kColsPerThread = 2;
-constexpr int kTileCols = kColThreads * kColsPerThread;  // 256 columns, like the Triton BLOCK_V
-constexpr int kRowGroups = kThreads / kColThreads;       // 8
+// Column tile (Tile::kTileCols): 128 threads x 2 columns = 256, like the Triton BLOCK_V. The 8 row
+// groups are scope_cluster.cu's too: the same summation order, hence the same picks.
+using Tile = Tiling<kThreads, /*kRowGroups=*/8, /*kColsPerThread=*/2>;
 constexpr int kListMax = 4096;  // = SCOPE_FP32_MAX_N: one update per step for every fp32 S
-constexpr int kNoIndex = INT_MAX;
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int64_t kDefaultSmem = 48 * 1024;  // above this, dynamic smem needs an opt-in
 constexpr int kMaxCachedDevices = 64;
 
-static_assert(kWarps == kWarpSize, "the block reductions combine one value per warp in one warp");
-static_assert(kThreads % kColThreads == 0 && kColThreads % kWarpSize == 0,
-              "a row group must be whole warps");
-static_assert(kTileCols <= kThreads, "one thread per column reduces a tile");
 static_assert(kListMax % kThreads == 0, "the list holds whole chunks of rows");
-
-__host__ __device__ inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
 // Byte offsets into dynamic shared memory. Computed the same way on the host (launch size) and on
 // the device (carving), from (list_cap, n, state_in_smem) only.
-struct SmemLayout {
-  int64_t partial;      // float [2][kRowGroups][kTileCols], double-buffered tile partial sums
-  int64_t list_u;       // int   [list_cap]  changed rows
-  int64_t list_lo;      // float [list_cap]  their old coverage
-  int64_t list_hi;      // float [list_cap]  their new coverage
-  int64_t red_val;      // float [kWarps]    per-warp best score
-  int64_t red_idx;      // int   [kWarps]    per-warp best index
-  int64_t red_free;     // int   [kWarps]    per-warp lowest unselected index
-  int64_t scan_count;   // int   [kWarps]    per-warp count of changed rows
-  int64_t scan_offset;  // int   [kWarps + 1] exclusive prefix of scan_count, then the total
-  int64_t pick;         // int   [1]         the step's pick, broadcast
-  int64_t gain;         // float [n]         (state_in_smem only)
-  int64_t cov;          // float [n]         (state_in_smem only)
-  int64_t flags;        // uint8 [n]         (state_in_smem only)
-  int64_t bytes;        // total
+struct SmemLayout : BlockScratchLayout {
+  int64_t pick;   // int   [1]  the step's pick, broadcast
+  int64_t gain;   // float [n]  (state_in_smem only)
+  int64_t cov;    // float [n]  (state_in_smem only)
+  int64_t flags;  // uint8 [n]  (state_in_smem only)
+  int64_t bytes;  // total
 };
 
 __host__ __device__ inline SmemLayout make_layout(int64_t list_cap, int64_t n, bool state_in_smem) {
   SmemLayout l{};
-  int64_t at = 0;
-  auto take = [&at](int64_t bytes) {
-    const int64_t here = at;
-    at += align16(bytes);
-    return here;
-  };
-  l.partial = take(int64_t{2} * kRowGroups * kTileCols * 4);
-  l.list_u = take(list_cap * 4);
-  l.list_lo = take(list_cap * 4);
-  l.list_hi = take(list_cap * 4);
-  l.red_val = take(kWarps * 4);
-  l.red_idx = take(kWarps * 4);
-  l.red_free = take(kWarps * 4);
-  l.scan_count = take(kWarps * 4);
-  l.scan_offset = take((kWarps + 1) * 4);
-  l.pick = take(4);
+  SmemCursor at;
+  take_block_scratch<Tile>(at, list_cap, l);
+  l.pick = at.take(4);
   l.gain = l.cov = l.flags = -1;
   if (state_in_smem) {
-    l.gain = take(n * 4);
-    l.cov = take(n * 4);
-    l.flags = take(n);
+    l.gain = at.take(n * 4);
+    l.cov = at.take(n * 4);
+    l.flags = at.take(n);
   }
-  l.bytes = at;
+  l.bytes = at.end;
   return l;
 }
 
 // Workspace layout (global state): gain [B, N] fp32, coverage [B, N] fp32, flags [B, N] uint8.
 constexpr int64_t kWorkspaceBytesPerToken = 4 + 4 + 1;
 
-struct Scratch {
-  float* partial;
-  int* list_u;
-  float* list_lo;
-  float* list_hi;
-  float* red_val;
-  int* red_idx;
-  int* red_free;
-  int* scan_count;
-  int* scan_offset;
+struct Scratch : BlockScratch {
   int* pick;
 };
 
@@ -147,158 +110,31 @@ struct State {
   unsigned char* flags;
 };
 
-// max(0, s) that keeps NaN (torch's clamp_min(0) does; fmaxf would drop it).
-__device__ __forceinline__ float relu_keep_nan(float s) { return s < 0.0f ? 0.0f : s; }
-
-// max(0, s - lo) - max(0, s - hi) as min(max(s - lo, 0), hi - lo): exactly 0 when s <= lo.
-// A NaN s contributes 0 (fmaxf), as in the Triton kernel.
-__device__ __forceinline__ float coverage_drop(float s, float lo, float width) {
-  return fminf(fmaxf(s - lo, 0.0f), width);
-}
-
-// (score, index) pairs ordered by score, then by the lower index; never holds a NaN score.
-__device__ __forceinline__ void merge_best(float& val, int& idx, float other_val, int other_idx) {
-  if (other_val > val || (other_val == val && other_idx < idx)) {
-    val = other_val;
-    idx = other_idx;
+// Rows of S [n, n] in global memory, for column_pass.
+template <typename T>
+struct GlobalRows {
+  struct Row {
+    const T* p;
+    __device__ __forceinline__ float operator()(int v) const { return to_float(p[v]); }
+  };
+  const T* s_b;
+  int64_t n;
+  __device__ __forceinline__ Row operator()(int u) const {
+    return Row{s_b + static_cast<int64_t>(u) * n};
   }
-}
-
-// Butterfly over the warp: every lane ends with the warp's best (score, index) and lowest free index.
-__device__ __forceinline__ void warp_reduce_best(float& best, int& best_idx, int& first_free) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
-    const float other_val = __shfl_xor_sync(kFullMask, best, offset);
-    const int other_idx = __shfl_xor_sync(kFullMask, best_idx, offset);
-    merge_best(best, best_idx, other_val, other_idx);
-    first_free = min(first_free, __shfl_xor_sync(kFullMask, first_free, offset));
-  }
-}
-
-// Column sums over `rows` rows of S for the columns [0, length), one tile at a time:
-//   kInit:  gain[v]  = sum_{u < rows} relu_keep_nan(S[u, v])
-//   else:   gain[v] -= sum_{j < rows} coverage_drop(S[list_u[j], v], list_lo[j], width_j)
-// Must be entered by the whole block (after a barrier that published the list); ends with a
-// barrier, after which gain is visible to every thread.
-template <typename T, bool kInit>
-__device__ void column_pass(const T* __restrict__ s_b, int64_t n, int length, int rows,
-                            const Scratch& sh, float* gain) {
-  const int tid = threadIdx.x;
-  const int ct = tid % kColThreads;  // column thread inside the tile
-  const int rg = tid / kColThreads;  // row group, uniform over each warp
-  int parity = 0;
-  for (int v0 = 0; v0 < length; v0 += kTileCols) {
-    float acc[kColsPerThread];
-#pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c) acc[c] = 0.0f;
-    // Loads of consecutive rows are independent; only the adds are ordered.
-#pragma unroll 4
-    for (int j = rg; j < rows; j += kRowGroups) {
-      int u;
-      float lo = 0.0f;
-      float width = 0.0f;
-      if (kInit) {
-        u = j;
-      } else {
-        u = sh.list_u[j];
-        lo = sh.list_lo[j];
-        width = sh.list_hi[j] - lo;
-      }
-      const T* row = s_b + static_cast<int64_t>(u) * n;
-#pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c) {
-        const int v = v0 + ct + c * kColThreads;
-        if (v < length) {
-          const float s = to_float(row[v]);
-          acc[c] += kInit ? relu_keep_nan(s) : coverage_drop(s, lo, width);
-        }
-      }
-    }
-    // Double buffer: the tile after next rewrites this buffer only after passing the next tile's
-    // barrier, which every reader of this buffer reaches after its reads.
-    float* part = sh.partial + parity * (kRowGroups * kTileCols);
-#pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c) part[rg * kTileCols + ct + c * kColThreads] = acc[c];
-    __syncthreads();
-    if (tid < kTileCols) {
-      const int v = v0 + tid;
-      if (v < length) {
-        float sum = part[tid];
-#pragma unroll
-        for (int g = 1; g < kRowGroups; ++g) sum += part[g * kTileCols + tid];
-        gain[v] = kInit ? sum : gain[v] - sum;
-      }
-    }
-    parity ^= 1;
-  }
-  __syncthreads();
-}
-
-// Exclusive prefix count of `flag` over the block in thread order; `total` gets the block's count.
-// Contains two barriers; the scratch it uses is safe to reuse on the next call (each array is
-// written only after a barrier that all its readers of the previous call have passed).
-__device__ __forceinline__ int block_exclusive_count(bool flag, const Scratch& sh, int& total) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const unsigned ballot = __ballot_sync(kFullMask, flag);
-  if (lane == 0) sh.scan_count[warp] = __popc(ballot);
-  __syncthreads();
-  if (warp == 0) {
-    const int mine = sh.scan_count[lane];
-    int inclusive = mine;
-#pragma unroll
-    for (int offset = 1; offset < kWarpSize; offset <<= 1) {
-      const int up = __shfl_up_sync(kFullMask, inclusive, offset);
-      if (lane >= offset) inclusive += up;
-    }
-    sh.scan_offset[lane] = inclusive - mine;
-    if (lane == kWarpSize - 1) sh.scan_offset[kWarps] = inclusive;
-  }
-  __syncthreads();
-  total = sh.scan_offset[kWarps];
-  return sh.scan_offset[warp] + __popc(ballot & ((1u << lane) - 1u));
-}
+};
 
 // The step's pick (SPEC §1), the same value in every thread. Contains two barriers.
 __device__ int pick_next(const float* __restrict__ w_b, const State& st, int length, bool mul,
                          const Scratch& sh) {
-  const int tid = threadIdx.x;
-  const int lane = tid % kWarpSize;
-  const int warp = tid / kWarpSize;
-  float best = -INFINITY;
-  int best_idx = kNoIndex;
-  int first_free = kNoIndex;
-  // v ascends per thread: a strict '>' keeps the lowest index among equal scores.
-  for (int v = tid; v < length; v += kThreads) {
-    if (st.flags[v]) continue;
-    if (first_free == kNoIndex) first_free = v;
-    float g = st.gain[v];
-    // The exact gain is >= 0; incremental drift must not push it below (a fully covered token
-    // scores exactly 0 in the reference). NaN stays NaN and then never wins the '>'.
-    g = g < 0.0f ? 0.0f : g;
-    const float score = mul ? g * w_b[v] : g + w_b[v];
-    if (score > best) {
-      best = score;
-      best_idx = v;
-    }
-  }
-  warp_reduce_best(best, best_idx, first_free);
-  if (lane == 0) {
-    sh.red_val[warp] = best;
-    sh.red_idx[warp] = best_idx;
-    sh.red_free[warp] = first_free;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    best = sh.red_val[lane];
-    best_idx = sh.red_idx[lane];
-    first_free = sh.red_free[lane];
-    warp_reduce_best(best, best_idx, first_free);
-    if (lane == 0) {
-      int t = best > -INFINITY ? best_idx : first_free;
-      // Unreachable guard: fewer than `length` picks so far, so an unselected index exists.
-      *sh.pick = min(t, length - 1);
-    }
+  float best;
+  int best_idx;
+  int first_free;
+  block_best<Tile>(w_b, st.gain, st.flags, 0, length, mul, sh, best, best_idx, first_free);
+  if (threadIdx.x == 0) {
+    int t = best > -INFINITY ? best_idx : first_free;
+    // Unreachable guard: fewer than `length` picks so far, so an unselected index exists.
+    *sh.pick = min(t, length - 1);
   }
   __syncthreads();
   return *sh.pick;
@@ -308,32 +144,14 @@ __device__ int pick_next(const float* __restrict__ w_b, const State& st, int len
 template <typename T>
 __device__ void cover_and_update(const T* __restrict__ s_b, int64_t n, int length, int t,
                                  int list_cap, const State& st, const Scratch& sh) {
-  const int tid = threadIdx.x;
   int count = 0;  // listed rows not yet applied; block-uniform (built from scan totals)
   for (int c0 = 0; c0 < length; c0 += kThreads) {
-    const int u = c0 + tid;
-    float col = 0.0f;
-    float lo = 0.0f;
-    bool changed = false;
-    if (u < length) {
-      col = to_float(s_b[static_cast<int64_t>(u) * n + t]);  // S[u, t]: the column
-      lo = st.cov[u];
-      changed = col > lo;  // NaN never raises the coverage
-    }
-    int total = 0;
-    const int pos = count + block_exclusive_count(changed, sh, total);
-    if (changed) {
-      sh.list_u[pos] = u;
-      sh.list_lo[pos] = lo;
-      sh.list_hi[pos] = col;
-      st.cov[u] = col;  // row u is read and written by this thread only in this phase
-    }
-    count += total;
+    count += list_raised_rows<Tile>(s_b, n, length, t, c0, count, st.cov, sh);
     const bool last_chunk = c0 + kThreads >= length;
     // Apply the list at the end, or before the next chunk (up to kThreads rows) could overflow it.
     if (count > 0 && (last_chunk || count > list_cap - kThreads)) {
       __syncthreads();  // publish the list entries
-      column_pass<T, false>(s_b, n, length, count, sh, st.gain);
+      column_pass<Tile, false>(length, count, GlobalRows<T>{s_b, n}, sh, st.gain);
       count = 0;
     }
   }
@@ -349,15 +167,7 @@ scope_greedy_kernel(const T* __restrict__ sim, const float* __restrict__ weights
   extern __shared__ __align__(16) unsigned char smem[];
   const SmemLayout lay = make_layout(list_cap, n, kStateInSmem);
   Scratch sh;
-  sh.partial = reinterpret_cast<float*>(smem + lay.partial);
-  sh.list_u = reinterpret_cast<int*>(smem + lay.list_u);
-  sh.list_lo = reinterpret_cast<float*>(smem + lay.list_lo);
-  sh.list_hi = reinterpret_cast<float*>(smem + lay.list_hi);
-  sh.red_val = reinterpret_cast<float*>(smem + lay.red_val);
-  sh.red_idx = reinterpret_cast<int*>(smem + lay.red_idx);
-  sh.red_free = reinterpret_cast<int*>(smem + lay.red_free);
-  sh.scan_count = reinterpret_cast<int*>(smem + lay.scan_count);
-  sh.scan_offset = reinterpret_cast<int*>(smem + lay.scan_offset);
+  carve_block_scratch(smem, lay, sh);
   sh.pick = reinterpret_cast<int*>(smem + lay.pick);
 
   const int tid = threadIdx.x;
@@ -388,7 +198,8 @@ scope_greedy_kernel(const T* __restrict__ sim, const float* __restrict__ weights
       st.cov[v] = 0.0f;
       st.flags[v] = 0;
     }
-    column_pass<T, true>(s_b, n, length, length, sh, st.gain);  // ends with a barrier
+    // Ends with a barrier.
+    column_pass<Tile, true>(length, length, GlobalRows<T>{s_b, n}, sh, st.gain);
 
     for (int i = 0; i < kb; ++i) {
       const int t = pick_next(w_b, st, length, mul, sh);
@@ -496,9 +307,8 @@ cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const float* wei
   }
 
   DeviceGuard guard;
-  VTPRUNE_CUDA_TRY(guard.set_from_pointer(out));
   int device = 0;
-  VTPRUNE_CUDA_TRY(cudaGetDevice(&device));
+  VTPRUNE_CUDA_TRY(guard.set_from_pointer(out, &device));
   int optin = 0;
   VTPRUNE_CUDA_TRY(optin_smem(device, &optin));
 

@@ -73,36 +73,29 @@
 
 #include "common.cuh"
 #include "kernels.h"
+#include "scope_common.cuh"
 
 namespace vtprune {
 namespace {
 
 namespace cg = cooperative_groups;
 
+using namespace scope_common;
+
 constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / kWarpSize;
-constexpr int kRowGroups = 8;  // = scope.cu's: the same summation order, hence the same bits
-constexpr int kColThreads = kThreads / kRowGroups;  // 64 threads: two warps per row group
-constexpr int kColsPerThread = 2;
-constexpr int kTileCols = kColThreads * kColsPerThread;  // 128 columns per tile
+// The same 8 row groups as scope.cu: the same summation order, hence the same bits. Column tile:
+// 64 threads (two warps per row group) x 2 columns.
+using Tile = Tiling<kThreads, /*kRowGroups=*/8, /*kColsPerThread=*/2>;
 constexpr int kMaxN = 4096;  // SCOPE_FP32_MAX_N: fp32 S only
 constexpr int kMaxClusterSize = 16;
 constexpr int64_t kMaxGridX = 2147483647;
 constexpr int kMaxCachedDevices = 64;
 
-static_assert(kWarps <= kWarpSize, "the block reduction combines one value per warp in one warp");
 static_assert(kMaxClusterSize <= kWarpSize, "one lane per CTA reduces the cluster's picks");
-static_assert(kThreads % kColThreads == 0 && kColThreads % kWarpSize == 0,
-              "a row group must be whole warps");
-static_assert(kTileCols <= kThreads, "one thread per column reduces a tile");
-
-__host__ __device__ inline int64_t align16(int64_t bytes) { return (bytes + 15) / 16 * 16; }
 
 // Byte offsets into a CTA's dynamic shared memory, from (n, width, list_cap, slice) only, so the
 // host (launch size) and the device (carving) agree.
-struct Layout {
-  int64_t partial, list_u, list_lo, list_hi;
-  int64_t red_val, red_idx, red_free, scan_count, scan_offset;
+struct Layout : BlockScratchLayout {
   int64_t pick_val, pick_idx, pick_free;  // [2] each: this CTA's triple, read by the cluster
   int64_t cov, gain, flags, slice;        // slice = -1 when S streams from global memory
   int64_t bytes;
@@ -110,42 +103,20 @@ struct Layout {
 
 __host__ __device__ inline Layout make_layout(int64_t n, int64_t width, int64_t list_cap, bool slice) {
   Layout l{};
-  int64_t at = 0;
-  auto take = [&at](int64_t bytes) {
-    const int64_t here = at;
-    at += align16(bytes);
-    return here;
-  };
-  l.partial = take(int64_t{2} * kRowGroups * kTileCols * 4);
-  l.list_u = take(list_cap * 4);
-  l.list_lo = take(list_cap * 4);
-  l.list_hi = take(list_cap * 4);
-  l.red_val = take(kWarps * 4);
-  l.red_idx = take(kWarps * 4);
-  l.red_free = take(kWarps * 4);
-  l.scan_count = take(kWarps * 4);
-  l.scan_offset = take((kWarps + 1) * 4);
-  l.pick_val = take(2 * 4);
-  l.pick_idx = take(2 * 4);
-  l.pick_free = take(2 * 4);
-  l.cov = take(n * 4);
-  l.gain = take(width * 4);
-  l.flags = take(width);
-  l.slice = slice ? take(n * width * 4) : -1;
-  l.bytes = at;
+  SmemCursor at;
+  take_block_scratch<Tile>(at, list_cap, l);
+  l.pick_val = at.take(2 * 4);
+  l.pick_idx = at.take(2 * 4);
+  l.pick_free = at.take(2 * 4);
+  l.cov = at.take(n * 4);
+  l.gain = at.take(width * 4);
+  l.flags = at.take(width);
+  l.slice = slice ? at.take(n * width * 4) : -1;
+  l.bytes = at.end;
   return l;
 }
 
-struct Smem {
-  float* partial;
-  int* list_u;
-  float* list_lo;
-  float* list_hi;
-  float* red_val;
-  int* red_idx;
-  int* red_free;
-  int* scan_count;
-  int* scan_offset;
+struct Smem : BlockScratch {
   float* pick_val;
   int* pick_idx;
   int* pick_free;
@@ -159,159 +130,46 @@ struct Smem {
 // older target compiles the kernel to a trap and needs none of it.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 
-constexpr int kNoIndex = INT_MAX;
-
-// The formulas of scope.cu, repeated here because they are the contract of both kernels.
-__device__ __forceinline__ float relu_keep_nan(float s) { return s < 0.0f ? 0.0f : s; }
-
-__device__ __forceinline__ float coverage_drop(float s, float lo, float width) {
-  return fminf(fmaxf(s - lo, 0.0f), width);
-}
-
-__device__ __forceinline__ void merge_best(float& val, int& idx, float other_val, int other_idx) {
-  if (other_val > val || (other_val == val && other_idx < idx)) {
-    val = other_val;
-    idx = other_idx;
-  }
-}
-
-__device__ __forceinline__ void warp_reduce_best(float& best, int& best_idx, int& first_free) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) {
-    const float other_val = __shfl_xor_sync(kFullMask, best, offset);
-    const int other_idx = __shfl_xor_sync(kFullMask, best_idx, offset);
-    merge_best(best, best_idx, other_val, other_idx);
-    first_free = min(first_free, __shfl_xor_sync(kFullMask, first_free, offset));
-  }
-}
-
-// Column sums over `rows` rows for this CTA's columns [c0, c0 + ncols), as scope.cu's
-// column_pass (same row groups, same order of adds):
-//   kInit:  gain[v]  = sum_{u < rows} relu_keep_nan(S[u, c0 + v]); also fills the slice
-//   else:   gain[v] -= sum_{j < rows} coverage_drop(S[list_u[j], c0 + v], lo_j, hi_j - lo_j)
-// S[u, c0 + v] is slice[u * width + v] once the slice holds it, else read from global memory.
-// Entered by the whole CTA after a barrier that published the list; ends with a barrier.
+// Rows of S restricted to this CTA's columns [c0, c0 + width), for column_pass. S[u, c0 + v] is
+// slice[u * width + v] once the slice holds it (the init pass stores it there while summing),
+// else read from global memory.
 template <bool kInit>
-__device__ void column_pass(const float* __restrict__ s_b, int64_t n, int c0, int ncols, int width,
-                            int rows, const Smem& sh) {
-  const int tid = threadIdx.x;
-  const int ct = tid % kColThreads;
-  const int rg = tid / kColThreads;  // uniform over each warp
-  int parity = 0;
-  for (int v0 = 0; v0 < ncols; v0 += kTileCols) {
-    float acc[kColsPerThread];
-#pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c) acc[c] = 0.0f;
-#pragma unroll 4
-    for (int j = rg; j < rows; j += kRowGroups) {
-      int u;
-      float lo = 0.0f;
-      float width_j = 0.0f;
+struct SliceRows {
+  struct Row {
+    const float* global;
+    float* slice;  // nullptr when streaming
+    __device__ __forceinline__ float operator()(int v) const {
       if (kInit) {
-        u = j;
-      } else {
-        u = sh.list_u[j];
-        lo = sh.list_lo[j];
-        width_j = sh.list_hi[j] - lo;
+        const float s = global[v];
+        if (slice != nullptr) slice[v] = s;  // read back only after this pass's last barrier
+        return s;
       }
-      const float* row = s_b + static_cast<int64_t>(u) * n + c0;
-      float* srow = sh.slice != nullptr ? sh.slice + static_cast<int64_t>(u) * width : nullptr;
-#pragma unroll
-      for (int c = 0; c < kColsPerThread; ++c) {
-        const int v = v0 + ct + c * kColThreads;
-        if (v < ncols) {
-          float s;
-          if (kInit) {
-            s = row[v];
-            if (srow != nullptr) srow[v] = s;  // read back only after this pass's last barrier
-          } else {
-            s = srow != nullptr ? srow[v] : row[v];
-          }
-          acc[c] += kInit ? relu_keep_nan(s) : coverage_drop(s, lo, width_j);
-        }
-      }
+      return slice != nullptr ? slice[v] : global[v];
     }
-    // Double buffer, as in scope.cu: one barrier per tile.
-    float* part = sh.partial + parity * (kRowGroups * kTileCols);
-#pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c) part[rg * kTileCols + ct + c * kColThreads] = acc[c];
-    __syncthreads();
-    if (tid < kTileCols) {
-      const int v = v0 + tid;
-      if (v < ncols) {
-        float sum = part[tid];
-#pragma unroll
-        for (int g = 1; g < kRowGroups; ++g) sum += part[g * kTileCols + tid];
-        sh.gain[v] = kInit ? sum : sh.gain[v] - sum;
-      }
-    }
-    parity ^= 1;
+  };
+  const float* s_b;
+  int64_t n;
+  int c0;
+  int width;
+  float* slice;
+  __device__ __forceinline__ Row operator()(int u) const {
+    return Row{s_b + static_cast<int64_t>(u) * n + c0,
+               slice != nullptr ? slice + static_cast<int64_t>(u) * width : nullptr};
   }
-  __syncthreads();
-}
-
-// Exclusive prefix count of `flag` over the CTA in thread order (scope.cu's, for kWarps warps).
-// Two barriers; its scratch is safe to reuse on the next call.
-__device__ __forceinline__ int block_exclusive_count(bool flag, const Smem& sh, int& total) {
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  const unsigned ballot = __ballot_sync(kFullMask, flag);
-  if (lane == 0) sh.scan_count[warp] = __popc(ballot);
-  __syncthreads();
-  if (warp == 0) {
-    const int mine = lane < kWarps ? sh.scan_count[lane] : 0;
-    int inclusive = mine;
-#pragma unroll
-    for (int offset = 1; offset < kWarpSize; offset <<= 1) {
-      const int up = __shfl_up_sync(kFullMask, inclusive, offset);
-      if (lane >= offset) inclusive += up;
-    }
-    if (lane < kWarps) sh.scan_offset[lane] = inclusive - mine;
-    if (lane == kWarps - 1) sh.scan_offset[kWarps] = inclusive;
-  }
-  __syncthreads();
-  total = sh.scan_offset[kWarps];
-  return sh.scan_offset[warp] + __popc(ballot & ((1u << lane) - 1u));
-}
+};
 
 // This CTA's best (score, index) and lowest unselected index over its own columns, written by
 // thread 0 into pick buffer `buf`. One barrier; the caller's cluster barrier publishes it.
 __device__ void local_pick(const float* __restrict__ w_b, int c0, int ncols, bool mul, int buf,
                            const Smem& sh) {
-  const int tid = threadIdx.x;
-  const int lane = tid % kWarpSize;
-  const int warp = tid / kWarpSize;
-  float best = -INFINITY;
-  int best_idx = kNoIndex;
-  int first_free = kNoIndex;
-  for (int v = tid; v < ncols; v += kThreads) {  // ascending per thread: '>' keeps the lowest
-    if (sh.flags[v]) continue;
-    if (first_free == kNoIndex) first_free = c0 + v;
-    float g = sh.gain[v];
-    g = g < 0.0f ? 0.0f : g;  // incremental drift below the exact >= 0; NaN stays NaN
-    const float score = mul ? g * w_b[c0 + v] : g + w_b[c0 + v];
-    if (score > best) {
-      best = score;
-      best_idx = c0 + v;
-    }
-  }
-  warp_reduce_best(best, best_idx, first_free);
-  if (lane == 0) {
-    sh.red_val[warp] = best;
-    sh.red_idx[warp] = best_idx;
-    sh.red_free[warp] = first_free;
-  }
-  __syncthreads();
-  if (warp == 0) {
-    best = lane < kWarps ? sh.red_val[lane] : -INFINITY;
-    best_idx = lane < kWarps ? sh.red_idx[lane] : kNoIndex;
-    first_free = lane < kWarps ? sh.red_free[lane] : kNoIndex;
-    warp_reduce_best(best, best_idx, first_free);
-    if (lane == 0) {
-      sh.pick_val[buf] = best;
-      sh.pick_idx[buf] = best_idx;
-      sh.pick_free[buf] = first_free;
-    }
+  float best;
+  int best_idx;
+  int first_free;
+  block_best<Tile>(w_b, sh.gain, sh.flags, c0, ncols, mul, sh, best, best_idx, first_free);
+  if (threadIdx.x == 0) {
+    sh.pick_val[buf] = best;
+    sh.pick_idx[buf] = best_idx;
+    sh.pick_free[buf] = first_free;
   }
 }
 
@@ -319,31 +177,15 @@ __device__ void local_pick(const float* __restrict__ w_b, int c0, int ncols, boo
 // this CTA's columns. Ends with a barrier.
 __device__ void cover_and_update(const float* __restrict__ s_b, int64_t n, int length, int t, int c0,
                                  int ncols, int width, const Smem& sh) {
-  const int tid = threadIdx.x;
   int count = 0;  // CTA-uniform (built from scan totals)
-  for (int c = 0; c < length; c += kThreads) {
-    const int u = c + tid;
-    float col = 0.0f;
-    float lo = 0.0f;
-    bool changed = false;
-    if (u < length) {
-      col = s_b[static_cast<int64_t>(u) * n + t];  // S[u, t]: the column
-      lo = sh.cov[u];
-      changed = col > lo;  // NaN never raises the coverage
-    }
-    int total = 0;
-    const int pos = count + block_exclusive_count(changed, sh, total);
-    if (changed) {  // pos < length <= list_cap: the list holds every row of the image
-      sh.list_u[pos] = u;
-      sh.list_lo[pos] = lo;
-      sh.list_hi[pos] = col;
-      sh.cov[u] = col;  // row u is read and written by this thread only in this phase
-    }
-    count += total;
+  // count < length <= list_cap: the list holds every row of the image, so it is applied once.
+  for (int u0 = 0; u0 < length; u0 += kThreads) {
+    count += list_raised_rows<Tile>(s_b, n, length, t, u0, count, sh.cov, sh);
   }
   if (count > 0) {
     __syncthreads();  // publish the list
-    column_pass<false>(s_b, n, c0, ncols, width, count, sh);
+    column_pass<Tile, false>(ncols, count, SliceRows<false>{s_b, n, c0, width, sh.slice}, sh,
+                             sh.gain);
   }
   __syncthreads();  // coverage and gains of this step are visible to the next one
 }
@@ -378,15 +220,7 @@ scope_cluster_kernel(const float* __restrict__ sim, const float* __restrict__ we
   extern __shared__ __align__(16) unsigned char smem[];
   const Layout lay = make_layout(n, width, list_cap, kSlice);
   Smem sh;
-  sh.partial = reinterpret_cast<float*>(smem + lay.partial);
-  sh.list_u = reinterpret_cast<int*>(smem + lay.list_u);
-  sh.list_lo = reinterpret_cast<float*>(smem + lay.list_lo);
-  sh.list_hi = reinterpret_cast<float*>(smem + lay.list_hi);
-  sh.red_val = reinterpret_cast<float*>(smem + lay.red_val);
-  sh.red_idx = reinterpret_cast<int*>(smem + lay.red_idx);
-  sh.red_free = reinterpret_cast<int*>(smem + lay.red_free);
-  sh.scan_count = reinterpret_cast<int*>(smem + lay.scan_count);
-  sh.scan_offset = reinterpret_cast<int*>(smem + lay.scan_offset);
+  carve_block_scratch(smem, lay, sh);
   sh.pick_val = reinterpret_cast<float*>(smem + lay.pick_val);
   sh.pick_idx = reinterpret_cast<int*>(smem + lay.pick_idx);
   sh.pick_free = reinterpret_cast<int*>(smem + lay.pick_free);
@@ -417,7 +251,8 @@ scope_cluster_kernel(const float* __restrict__ sim, const float* __restrict__ we
     // other CTAs read only the pick buffers).
     for (int u = tid; u < length; u += kThreads) sh.cov[u] = 0.0f;
     for (int v = tid; v < ncols; v += kThreads) sh.flags[v] = 0;
-    column_pass<true>(s_b, n, c0, ncols, width, length, sh);  // ends with a barrier
+    column_pass<Tile, true>(ncols, length, SliceRows<true>{s_b, n, c0, width, sh.slice}, sh,
+                            sh.gain);  // ends with a barrier
 
     for (int i = 0; i < kb; ++i) {
       local_pick(w_b, c0, ncols, mul, buf, sh);
@@ -584,26 +419,21 @@ cudaError_t launch_typed(const Plan& p, const float* sim, const float* weights, 
   return cudaGetLastError();
 }
 
-// Makes `device` current for the guard's lifetime (the function attributes and the occupancy
-// query act on the current device).
-class CurrentDevice {
- public:
-  cudaError_t set(int device) {
-    int current = -1;
-    VTPRUNE_CUDA_TRY(cudaGetDevice(&current));
-    if (current != device) {
-      VTPRUNE_CUDA_TRY(cudaSetDevice(device));
-      previous_ = current;
-    }
-    return cudaSuccess;
+// The plan for `device`, which must be current (the function attributes and the occupancy query
+// act on the current device); `optin` gets its opt-in shared memory limit.
+cudaError_t plan_on_device(int device, int64_t N, int cluster_size, bool force_stream, int* optin,
+                           Plan* plan) {
+  int major = 0;
+  VTPRUNE_CUDA_TRY(cached_attribute(g_cc_major, cudaDevAttrComputeCapabilityMajor, device, &major));
+  if (major < 9) return cudaErrorNotSupported;  // thread-block clusters need sm_90
+  VTPRUNE_CUDA_TRY(cached_attribute(g_optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device, optin));
+  // Drop a stale, non-sticky error left by an earlier call so it is not reported as ours.
+  (void)cudaGetLastError();
+  if (!choose_plan(N, cluster_size, force_stream, device, *optin, plan)) {
+    return cudaErrorInvalidConfiguration;
   }
-  ~CurrentDevice() {
-    if (previous_ >= 0) cudaSetDevice(previous_);
-  }
-
- private:
-  int previous_ = -1;
-};
+  return cudaSuccess;
+}
 
 }  // namespace
 
@@ -617,18 +447,11 @@ cudaError_t scope_cluster_plan(int device, int64_t N, int cluster_size, bool for
       smem_bytes == nullptr) {
     return cudaErrorInvalidValue;
   }
-  CurrentDevice guard;
+  DeviceGuard guard;
   VTPRUNE_CUDA_TRY(guard.set(device));
-  int major = 0;
-  VTPRUNE_CUDA_TRY(cached_attribute(g_cc_major, cudaDevAttrComputeCapabilityMajor, device, &major));
-  if (major < 9) return cudaErrorNotSupported;
   int optin = 0;
-  VTPRUNE_CUDA_TRY(cached_attribute(g_optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device, &optin));
-  (void)cudaGetLastError();
   Plan plan{};
-  if (!choose_plan(N, cluster_size, force_global_state, device, optin, &plan)) {
-    return cudaErrorInvalidConfiguration;
-  }
+  VTPRUNE_CUDA_TRY(plan_on_device(device, N, cluster_size, force_global_state, &optin, &plan));
   *chosen_size = plan.cluster_size;
   *slice_in_smem = plan.slice;
   *smem_bytes = plan.smem_bytes;
@@ -655,21 +478,11 @@ cudaError_t launch_scope_greedy_cluster(const void* sim, int sim_dtype, const fl
   }
 
   DeviceGuard guard;
-  VTPRUNE_CUDA_TRY(guard.set_from_pointer(out));
   int device = 0;
-  VTPRUNE_CUDA_TRY(cudaGetDevice(&device));
-  int major = 0;
-  VTPRUNE_CUDA_TRY(cached_attribute(g_cc_major, cudaDevAttrComputeCapabilityMajor, device, &major));
-  if (major < 9) return cudaErrorNotSupported;  // thread-block clusters need sm_90
+  VTPRUNE_CUDA_TRY(guard.set_from_pointer(out, &device));
   int optin = 0;
-  VTPRUNE_CUDA_TRY(cached_attribute(g_optin_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device, &optin));
-
-  // Drop a stale, non-sticky error left by an earlier call so it is not reported as ours.
-  (void)cudaGetLastError();
   Plan plan{};
-  if (!choose_plan(N, cluster_size, force_global_state, device, optin, &plan)) {
-    return cudaErrorInvalidConfiguration;
-  }
+  VTPRUNE_CUDA_TRY(plan_on_device(device, N, cluster_size, force_global_state, &optin, &plan));
   const float* s = static_cast<const float*>(sim);
   return plan.slice ? launch_typed<true>(plan, s, weights, lengths, k_per_image, B, N, k_max, mul,
                                          out, stream, device, optin)

@@ -49,7 +49,6 @@ __global__ void __launch_bounds__(kGramThreads, 2)
 scope_similarity_kernel(const T* __restrict__ tokens, int64_t B, int64_t N, int64_t D, int64_t stride_b,
                         int64_t stride_n, OutT* __restrict__ out) {
   using Cfg = GramCfg<T>;
-  using Acc = typename TileAccumulator<T>::type;
   __shared__ __align__(128) T a_s[kTile][Cfg::kLd];
   __shared__ __align__(128) T b_s[kTile][Cfg::kLd];
   __shared__ __align__(128) float c_s[kTile][kCsLd];
@@ -78,32 +77,18 @@ scope_similarity_kernel(const T* __restrict__ tokens, int64_t B, int64_t N, int6
     const T* col_base = image + col0 * stride_n;
     // On a diagonal tile the column tokens are the row tokens: read them once.
     const bool same = it == jt;
-    const T(*b_tile)[Cfg::kLd] = same ? a_s : b_s;
 
-    Acc acc;
-    acc.zero();
-    float row_ss = 0.0f, col_ss = 0.0f;
+    typename TileAccumulator<T>::type acc;
+    TileSumsq ss;
     ChunkStage<T, kVec> stage_a, stage_b;
-    if (D > 0) {
-      stage_a.fetch(row_base, rows_valid, stride_n, 0, D);
-      if (!same) stage_b.fetch(col_base, cols_valid, stride_n, 0, D);
-    }
+    gram_begin(acc, stage_a, stage_b, row_base, rows_valid, col_base, cols_valid, same, stride_n, D);
     for (int64_t d0 = 0; d0 < D; d0 += Cfg::kK) {
-      stage_a.store(a_s);
-      if (!same) stage_b.store(b_s);
-      __syncthreads();
-      if (d0 + Cfg::kK < D) {  // the next chunk's loads overlap this chunk's math
-        stage_a.fetch(row_base, rows_valid, stride_n, d0 + Cfg::kK, D);
-        if (!same) stage_b.fetch(col_base, cols_valid, stride_n, d0 + Cfg::kK, D);
-      }
-      row_ss += chunk_sumsq<T>(a_s, token, quarter);
-      col_ss += chunk_sumsq<T>(b_tile, token, quarter);
-      acc.accumulate(a_s, b_tile, rows_valid, cols_valid);
-      __syncthreads();  // a_s/b_s are overwritten by the next chunk
+      gram_chunk(acc, ss, stage_a, stage_b, a_s, b_s, row_base, rows_valid, col_base, cols_valid, same, stride_n,
+                 d0, D, token, quarter, /*row_norms=*/true);
     }
     acc.store(c_s);
-    row_ss = quad_sum(row_ss);
-    col_ss = quad_sum(col_ss);
+    const float row_ss = quad_sum(ss.row);
+    const float col_ss = quad_sum(ss.col);
     if (quarter == 0) {
       row_norm[token] = clamped_norm(row_ss);
       col_norm[token] = clamped_norm(col_ss);

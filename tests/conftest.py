@@ -250,3 +250,55 @@ def given_per_backend(max_examples: int | None = None, **strategies):
         return test
 
     return deco
+
+
+# ----------------------------------------------------------------------------- fused SCOPE similarity
+
+#: ``parametrize`` rows ``(override, message)`` for the B/N checks of module.cpp's
+#: ``check_scope_sizes``, which every binding sized like SCOPE's similarity makes (scope_greedy,
+#: scope_similarity): one list, so the bindings are held to the same checks.
+SCOPE_SIZE_ERRORS = [
+    (dict(B=-1), "B must be >= 0"),
+    (dict(N=-1), "N must be >= 0"),
+    (dict(N=2**24 + 1), "N must be <="),
+    (dict(B=2**40, N=2**12), "overflows int64"),
+]
+
+
+def similarity_tokens(batch: int, n: int, d: int, dtype: torch.dtype, device, seed: int) -> torch.Tensor:
+    """Tokens ``[B, N, D]`` for the fused similarity kernels (Triton and CUDA): Gaussian rows
+    scaled by up to 4, so the norms the kernels divide by differ from row to row."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, n, d, generator=g) * torch.rand(batch, n, 1, generator=g) * 4
+    return x.to(device=device, dtype=dtype)
+
+
+def assert_similarity_like_torch_path(got: torch.Tensor, x: torch.Tensor, storage: torch.dtype) -> None:
+    """``got``, a fused kernel's similarity of ``x`` stored as ``storage``, is finite and within
+    FlashAttention's tolerance rule: its error against the float64 similarity is at most twice the
+    torch path's (``vtprune.similarity.scope_similarity``, the reference's own formula in fp32) on
+    the same inputs, plus 8 fp32 ulps for entries the torch path happens to get exact; with float16
+    storage both are rounded once more, so one fp16 rounding is added."""
+    from vtprune.similarity import SCOPE_EPS, scope_similarity
+
+    assert torch.isfinite(got).all()
+    x64 = x.cpu().double()
+    xn = x64 / torch.linalg.vector_norm(x64, dim=-1, keepdim=True).clamp_min(SCOPE_EPS)
+    exact = xn @ xn.mT
+    ours = (got.cpu().double() - exact).abs().max().item()
+    torch_err = (scope_similarity(x, storage).cpu().double() - exact).abs().max().item()
+    slack = 8 * 2.0**-23  # fp32 ulps at 1, the entries' largest magnitude
+    if storage == torch.float16:
+        slack += 2.0**-11  # one more fp16 rounding of an entry of magnitude <= 1
+    assert ours <= 2 * torch_err + slack, (ours, torch_err)
+
+
+def assert_similarity_rejects(scope_similarity, device) -> None:
+    """The input errors that both fused similarity wrappers (Triton's and CUDA's, each with its
+    own checks) promise, raised by ``scope_similarity`` on ``device``."""
+    with pytest.raises(TypeError, match="tokens must be float16 or bfloat16"):
+        scope_similarity(torch.zeros(1, 3, 8, device=device))
+    with pytest.raises(ValueError, match=r"tokens must be \[B, N, D\]"):
+        scope_similarity(torch.zeros(3, 8, dtype=torch.float16, device=device))
+    with pytest.raises(ValueError, match="storage must be"):
+        scope_similarity(torch.zeros(1, 3, 8, dtype=torch.float16, device=device), torch.bfloat16)

@@ -390,6 +390,7 @@ def test_gpu_suite_summary_merges_the_steps_of_several_calls(tmp_path):
     (tmp_path / "tests.log").write_text("...\n12 passed in 100.00s\n")
     (tmp_path / "scope.md").write_text("# title\n| shape | provider |\n|---|---|\n| a | cuda |\n")
     (tmp_path / "bench-holov.log").write_text("Traceback ...\n")
+    (tmp_path / "bench-host.log").write_text("op | backend | event us | graph us\n")
     result = _gpu_suite(str(tmp_path), "summary")
     assert result.returncode == 0, result.stderr
     summary = (tmp_path / "summary.md").read_text()
@@ -398,4 +399,5 @@ def test_gpu_suite_summary_merges_the_steps_of_several_calls(tmp_path):
     assert "Test summary: 12 passed in 100.00s" in summary
     assert "## scope" in summary and "| a | cuda |" in summary and "# title" not in summary
     assert "## holov: no table (see bench-holov.log)" in summary
+    assert "## host overhead" in summary and "op | backend | event us | graph us" in summary
     assert "attention" not in summary  # a step that never ran is not reported

@@ -23,7 +23,7 @@ import torch
 import vtprune
 from vtprune import _cuda
 from vtprune.similarity import scope_similarity
-from conftest import assert_same_greedy, np_cosine, np_weights, require_c_entry
+from conftest import SCOPE_SIZE_ERRORS, assert_same_greedy, np_cosine, np_weights, require_c_entry
 from cuda_emu.runtime import cuda_rt  # noqa: F401  (fixture)
 
 CUDA_OK, CUDA_REASON = _cuda.status()
@@ -712,10 +712,7 @@ def test_binding_workspace_size():
     [
         (dict(sim_dtype=2), r"sim_dtype must be 0 \(float32\) or 1 \(float16\), got 2"),
         (dict(sim_dtype=-1), "sim_dtype"),
-        (dict(B=-1), "B must be >= 0"),
-        (dict(N=-1), "N must be >= 0"),
-        (dict(N=2**24 + 1), "N must be <="),
-        (dict(B=2**40, N=2**12), "overflows int64"),
+        *SCOPE_SIZE_ERRORS,
         (dict(k_max=-3), "k_max must be >= 0"),
         (dict(workspace_bytes=-1), "workspace_bytes must be >= 0"),
         (dict(workspace_bytes=35), r"workspace_bytes must be >= scope_workspace_bytes\(B, N\) = 36, got 35"),

@@ -8,8 +8,8 @@ one of the runtime's patched entry points, so every direct call here goes throug
 :func:`_similarity`, which on the emulator runs it under every schedule and requires bit-identical
 results (a race or a read of unwritten shared memory changes them).
 
-Tolerance rule (FlashAttention's, as in tests/test_triton_similarity.py): the kernel's error
-against the float64 similarity must stay within twice the torch path's error
+Tolerance rule (FlashAttention's, the Triton kernel's too: conftest.assert_similarity_like_torch_path):
+the kernel's error against the float64 similarity must stay within twice the torch path's error
 (``vtprune.similarity.scope_similarity``, the reference's own formula in fp32) on the same inputs,
 plus 8 fp32 ulps for entries the torch path happens to get exact; with float16 storage both are
 rounded once more, so one fp16 rounding is added.
@@ -22,10 +22,9 @@ import torch
 
 import vtprune
 from vtprune import _cuda
-from vtprune.similarity import SCOPE_EPS, SCOPE_FP32_MAX_N, scope_similarity
+from vtprune.similarity import SCOPE_FP32_MAX_N, scope_similarity
+from conftest import SCOPE_SIZE_ERRORS, assert_similarity_like_torch_path, assert_similarity_rejects, similarity_tokens
 from cuda_emu.runtime import cuda_rt  # noqa: F401  (fixture)
-
-FP32_ULP = 2.0**-23
 
 
 def _similarity(cuda_rt, tokens: torch.Tensor, storage: torch.dtype | None = None) -> torch.Tensor:
@@ -34,31 +33,12 @@ def _similarity(cuda_rt, tokens: torch.Tensor, storage: torch.dtype | None = Non
     return _cuda.scope_similarity(tokens, storage)
 
 
-def _tokens(batch: int, n: int, d: int, dtype: torch.dtype, device, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, n, d, generator=g) * torch.rand(batch, n, 1, generator=g) * 4
-    return x.to(device=device, dtype=dtype)
-
-
-def _exact(x: torch.Tensor) -> torch.Tensor:
-    x64 = x.double()
-    xn = x64 / torch.linalg.vector_norm(x64, dim=-1, keepdim=True).clamp_min(SCOPE_EPS)
-    return xn @ xn.mT
-
-
 def _check(got: torch.Tensor, x: torch.Tensor, storage: torch.dtype) -> None:
     """``got`` is the similarity of ``x`` stored as ``storage``, within the FlashAttention rule."""
     n = x.shape[1]
     assert got.dtype == storage and got.shape == (x.shape[0], n, n) and got.is_contiguous()
     assert got.device == x.device
-    assert torch.isfinite(got).all()
-    exact = _exact(x.cpu())
-    ours = (got.cpu().double() - exact).abs().max().item()
-    torch_err = (scope_similarity(x, storage).cpu().double() - exact).abs().max().item()
-    slack = 8 * FP32_ULP
-    if storage == torch.float16:
-        slack += 2.0**-11  # one more fp16 rounding of an entry of magnitude <= 1
-    assert ours <= 2 * torch_err + slack, (ours, torch_err)
+    assert_similarity_like_torch_path(got, x, storage)
 
 
 # (batch, N, D): D = 5/33/130 take the scalar loads with a partial feature chunk (130: three
@@ -69,13 +49,13 @@ SHAPES = [(1, 1, 5), (3, 7, 33), (1, 97, 130), (2, 65, 64), (2, 97, 192)]
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize(("batch", "n", "d"), SHAPES, ids=[f"B{b}-N{n}-D{d}" for b, n, d in SHAPES])
 def test_matches_float64_like_the_torch_path(cuda_rt, dtype, batch, n, d):
-    x = _tokens(batch, n, d, dtype, cuda_rt.device, seed=n * 7 + d)
+    x = similarity_tokens(batch, n, d, dtype, cuda_rt.device, seed=n * 7 + d)
     for storage in (torch.float32, torch.float16):
         _check(_similarity(cuda_rt, x, storage), x, storage)
 
 
 def test_odd_size_577_and_default_storage(cuda_rt):
-    x = _tokens(1, 577, 40, torch.bfloat16, cuda_rt.device, seed=577)
+    x = similarity_tokens(1, 577, 40, torch.bfloat16, cuda_rt.device, seed=577)
     got = _similarity(cuda_rt, x)
     assert got.dtype == torch.float32  # 577 <= SCOPE_FP32_MAX_N
     _check(got, x, torch.float32)
@@ -84,14 +64,14 @@ def test_odd_size_577_and_default_storage(cuda_rt):
 def test_default_storage_above_the_threshold_is_fp16(cuda_rt):
     """The storage rule decides by N alone: above SCOPE_FP32_MAX_N tokens S is fp16 by default."""
     n = SCOPE_FP32_MAX_N + 1
-    x = _tokens(1, n, 8, torch.float16, cuda_rt.device, seed=n)
+    x = similarity_tokens(1, n, 8, torch.float16, cuda_rt.device, seed=n)
     got = _similarity(cuda_rt, x)
     assert got.dtype == torch.float16
     _check(got, x, torch.float16)
 
 
 def test_zero_tokens_and_strided_rows(cuda_rt):
-    base = _tokens(2, 19, 48, torch.float16, cuda_rt.device, seed=3)
+    base = similarity_tokens(2, 19, 48, torch.float16, cuda_rt.device, seed=3)
     base[0, 4] = 0
     base[1, :3] = 0
     # every other token and a slice of the features: row stride 96, 16-byte aligned rows
@@ -111,7 +91,7 @@ def test_zero_tokens_and_strided_rows(cuda_rt):
 
 
 def test_nan_tokens_propagate_like_the_torch_path(cuda_rt):
-    x = _tokens(2, 23, 16, torch.bfloat16, cuda_rt.device, seed=23)
+    x = similarity_tokens(2, 23, 16, torch.bfloat16, cuda_rt.device, seed=23)
     x[0, 5, 3] = float("nan")
     x[1, 7] = 0  # zero stays exact 0 next to a NaN token of the other image
     got = _similarity(cuda_rt, x, torch.float32).cpu()
@@ -130,13 +110,7 @@ def test_empty_shapes(cuda_rt):
 
 
 def test_rejects_what_it_does_not_handle(cuda_rt):
-    dev = cuda_rt.device
-    with pytest.raises(TypeError, match="tokens must be float16 or bfloat16"):
-        _cuda.scope_similarity(torch.zeros(1, 3, 8, device=dev))
-    with pytest.raises(ValueError, match=r"tokens must be \[B, N, D\]"):
-        _cuda.scope_similarity(torch.zeros(3, 8, dtype=torch.float16, device=dev))
-    with pytest.raises(ValueError, match="storage must be"):
-        _cuda.scope_similarity(torch.zeros(1, 3, 8, dtype=torch.float16, device=dev), torch.bfloat16)
+    assert_similarity_rejects(_cuda.scope_similarity, cuda_rt.device)
     with pytest.raises(TypeError, match="tokens must be a torch.Tensor"):
         _cuda.scope_similarity([[[1.0]]])
     if not cuda_rt.emu:
@@ -200,7 +174,7 @@ def test_fused_select_on_16bit_tokens_covers_like_the_reference(cuda_rt):
     """End to end through ``backend="cuda"`` (N = 97, padded batch): valid picks whose coverage is
     the reference's."""
     dev = cuda_rt.device
-    x = _tokens(3, 97, 32, torch.bfloat16, dev, seed=97)
+    x = similarity_tokens(3, 97, 32, torch.bfloat16, dev, seed=97)
     sal = torch.rand(3, 97, generator=torch.Generator().manual_seed(5)).to(dev)
     lens = torch.tensor([97, 40, 61], device=dev)
     got = vtprune.fused_scope_select(x, sal, 12, 1.0, lengths=lens, backend="cuda")
@@ -233,10 +207,7 @@ def _good_args() -> dict:
         (dict(dtype=0), r"dtype must be 1 \(float16\) or 2 \(bfloat16\) \(float32 tokens use the torch path\), got 0"),
         (dict(dtype=3), "dtype must be 1"),
         (dict(out_dtype=2), r"out_dtype must be 0 \(float32\) or 1 \(float16\), got 2"),
-        (dict(B=-1), "B must be >= 0"),
-        (dict(N=-1), "N must be >= 0"),
-        (dict(N=2**24 + 1), "N must be <="),
-        (dict(B=2**40, N=2**12), "overflows int64"),
+        *SCOPE_SIZE_ERRORS,
         (dict(D=-1), "D must be >= 0"),
         (dict(stride_b=-1), "stride_b must be >= 0"),
         (dict(stride_n=-8), "stride_n must be >= 0"),

@@ -17,13 +17,13 @@ sync counts as latency (``benchmarks/host_overhead.py`` measures both). These te
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 
 import vtprune
 from vtprune import _cuda, _dispatch, _validation, ops
+from vtprune.bench import host_stubs
+from vtprune.bench.host_stubs import top_level_ops
 from vtprune.similarity import saliency_weights
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
@@ -54,68 +54,13 @@ LENGTHS_CHECK_OPS = 2
 # ----------------------------------------------------------------------------- stubs
 
 
-class _StubC(types.ModuleType):
-    """``vtprune._C``'s interface with launchers that return at once."""
-
-    def __init__(self) -> None:
-        super().__init__("vtprune_stub_C")
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if name.endswith("_workspace_bytes"):
-            return lambda *args, **kwargs: 256
-        return lambda *args, **kwargs: None
-
-
-class InterpretedFunction:
-    """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](...)`` does nothing. Named like the
-    interpreter's class, so the wrappers' device check (``_common.interpreted``) takes CPU tensors."""
-
-    def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
-
-
-def _stub_triton(monkeypatch) -> None:
-    import importlib
-
-    for name in ("scope", "holov", "attention", "similarity", "coverage"):
-        module = importlib.import_module(f"vtprune.triton_kernels.{name}")
-        for attr, value in list(vars(module).items()):
-            if type(value).__name__ in ("JITFunction", "InterpretedFunction"):
-                monkeypatch.setattr(module, attr, InterpretedFunction())
-
-
 @pytest.fixture(params=["cuda", "triton"])
 def stubbed(request, monkeypatch):
     """The backend name, with its kernel launches replaced by no-ops for the test."""
-    if request.param == "cuda":
-        with _cuda._emulated(_StubC()):
-            yield "cuda"
-    else:
+    if request.param == "triton":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-        _stub_triton(monkeypatch)
-        yield "triton"
-
-
-def top_level_ops(fn) -> list[str]:
-    """Top-level torch ops one call of ``fn`` dispatches (ops nested in another op not counted),
-    after a warm-up call that fills the per-shape caches."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    names = []
-    for ev in prof.events():
-        if not ev.name.startswith("aten::"):
-            continue
-        parent = ev.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        if parent is None:
-            names.append(ev.name[len("aten::"):])
-    return names
+    with host_stubs.stubbed(request.param):
+        yield request.param
 
 
 def _scope_inputs(n: int = 32, d: int = 16, batch: int = 1):
@@ -124,9 +69,10 @@ def _scope_inputs(n: int = 32, d: int = 16, batch: int = 1):
 
 
 @pytest.fixture
-def device_side_values(monkeypatch):
+def device_side_values():
     """Value checks decide as they would for index tensors on the GPU: only with check_values."""
-    monkeypatch.setattr(_validation, "read_values", lambda x, check_values: check_values and _validation.eager())
+    with host_stubs.device_side_values():
+        yield
 
 
 # ----------------------------------------------------------------------------- op counts
@@ -214,7 +160,7 @@ def test_value_checks_still_raise_with_check_values(device_side_values):
     always check."""
     x, s = _scope_inputs(batch=2)
     bad = torch.tensor([32, 0])
-    with _cuda._emulated(_StubC()):
+    with host_stubs.stubbed("cuda"):
         vtprune.fused_scope_select(x, s, 4, lengths=bad, backend="cuda")
         with pytest.raises(ValueError, match="lengths must lie in"):
             vtprune.fused_scope_select(x, s, 4, lengths=bad, backend="cuda", check_values=True)

@@ -12,51 +12,36 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vtprune.similarity import SCOPE_EPS, scope_similarity
-from conftest import kernel_devices, triton_kernel_module
+from conftest import (
+    assert_similarity_like_torch_path,
+    assert_similarity_rejects,
+    kernel_devices,
+    similarity_tokens,
+    triton_kernel_module,
+)
 
 sim_k = triton_kernel_module("similarity")
 DEVICES = kernel_devices(sim_k)
-FP32_ULP = 2.0**-23
-
-
-def _tokens(batch: int, n: int, d: int, dtype: torch.dtype, device, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, n, d, generator=g) * torch.rand(batch, n, 1, generator=g) * 4
-    return x.to(device=device, dtype=dtype)
-
-
-def _exact(x: torch.Tensor) -> torch.Tensor:
-    x64 = x.double()
-    xn = x64 / torch.linalg.vector_norm(x64, dim=-1, keepdim=True).clamp_min(SCOPE_EPS)
-    return xn @ xn.mT
 
 
 def _check(x: torch.Tensor, storage: torch.dtype) -> None:
     got = sim_k.scope_similarity(x, storage)
     assert got.dtype == storage and got.shape == (x.shape[0], x.shape[1], x.shape[1]) and got.is_contiguous()
-    assert torch.isfinite(got).all()
-    exact = _exact(x.cpu())
-    ours = (got.cpu().double() - exact).abs().max().item()
-    torch_err = (scope_similarity(x, storage).cpu().double() - exact).abs().max().item()
-    slack = 8 * FP32_ULP
-    if storage == torch.float16:
-        slack += 2.0**-11  # one more fp16 rounding of an entry of magnitude <= 1
-    assert ours <= 2 * torch_err + slack, (ours, torch_err)
+    assert_similarity_like_torch_path(got, x, storage)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("batch", "n", "d"), [(1, 1, 5), (3, 7, 33), (1, 97, 130), (2, 65, 64)])
 def test_matches_float64_like_the_torch_path(device, dtype, batch, n, d):
-    x = _tokens(batch, n, d, dtype, device, seed=n * 7 + d)
+    x = similarity_tokens(batch, n, d, dtype, device, seed=n * 7 + d)
     for storage in (torch.float32, torch.float16):
         _check(x, storage)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_odd_size_577_and_default_storage(device):
-    x = _tokens(1, 577, 40, torch.bfloat16, device, seed=577)
+    x = similarity_tokens(1, 577, 40, torch.bfloat16, device, seed=577)
     got = sim_k.scope_similarity(x)
     assert got.dtype == torch.float32  # 577 <= SCOPE_FP32_MAX_N
     _check(x, torch.float32)
@@ -64,7 +49,7 @@ def test_odd_size_577_and_default_storage(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_zero_tokens_and_strided_rows(device):
-    base = _tokens(2, 19, 48, torch.float16, device, seed=3)
+    base = similarity_tokens(2, 19, 48, torch.float16, device, seed=3)
     base[0, 4] = 0
     base[1, :3] = 0
     x = base[:, ::2, :40]  # every other token, a slice of the features: row stride 96, not 40
@@ -85,9 +70,4 @@ def test_empty_shapes(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rejects_what_it_does_not_handle(device):
-    with pytest.raises(TypeError, match="tokens must be float16 or bfloat16"):
-        sim_k.scope_similarity(torch.zeros(1, 3, 8, device=device))
-    with pytest.raises(ValueError, match=r"tokens must be \[B, N, D\]"):
-        sim_k.scope_similarity(torch.zeros(3, 8, dtype=torch.float16, device=device))
-    with pytest.raises(ValueError, match="storage must be"):
-        sim_k.scope_similarity(torch.zeros(1, 3, 8, dtype=torch.float16, device=device), torch.bfloat16)
+    assert_similarity_rejects(sim_k.scope_similarity, device)
