@@ -692,6 +692,20 @@ void fail(const char* message) {
                       format("%s, thread %u: %s", block_label(L).c_str(), f->linear, message));
 }
 
+// Aborts the launch unless all `count` fibers from `first` wait at the barrier `what` at file:line
+// (a barrier some threads reach at another line is a divergent barrier).
+static void check_same_barrier(Launch& L, const Fiber* first, size_t count, const char* file, int line,
+                        const char* what, const std::string& where) {
+  for (size_t t = 0; t < count; ++t) {
+    const Fiber& o = first[t];
+    if (o.line != line || (o.file != file && std::strcmp(o.file, file) != 0)) {
+      abort_running_fiber(L, cudaErrorLaunchFailure,
+                          format("barrier error in %s: threads wait at different %s:", where.c_str(), what) +
+                              describe_waiters(L));
+    }
+  }
+}
+
 void syncthreads(const char* file, int line) {
   Launch& L = running("__syncthreads");
   Fiber* f = L.current;
@@ -702,15 +716,7 @@ void syncthreads(const char* file, int line) {
   if (++B.n_at_barrier == L.nthreads) {
     // Every thread of the block is at a barrier: the same one, or the block diverged.
     Fiber* mine = &L.fibers[f->block * L.nthreads];
-    for (int t = 0; t < L.nthreads; ++t) {
-      const Fiber& o = mine[t];
-      if (o.line != line || (o.file != file && std::strcmp(o.file, file) != 0)) {
-        abort_running_fiber(L, cudaErrorLaunchFailure,
-                            format("barrier error in %s: threads wait at different __syncthreads():",
-                                   block_label(L).c_str()) +
-                                describe_waiters(L));
-      }
-    }
+    check_same_barrier(L, mine, L.nthreads, file, line, "__syncthreads()", block_label(L));
     // A new barrier interval: the block's threads runnable, the sweep restarts at the top.
     B.n_at_barrier = 0;
     if (g_order == Order::Random) {
@@ -732,14 +738,7 @@ void cluster_sync(const char* file, int line) {
   f->file = file;
   f->line = line;
   if (++L.n_at_cluster == static_cast<int>(L.fibers.size())) {
-    for (const Fiber& o : L.fibers) {
-      if (o.line != line || (o.file != file && std::strcmp(o.file, file) != 0)) {
-        abort_running_fiber(L, cudaErrorLaunchFailure,
-                            format("barrier error in %s: threads wait at different cluster.sync():",
-                                   cluster_label(L).c_str()) +
-                                describe_waiters(L));
-      }
-    }
+    check_same_barrier(L, L.fibers.data(), L.fibers.size(), file, line, "cluster.sync()", cluster_label(L));
     L.n_at_cluster = 0;
     for (Fiber& o : L.fibers) o.st = St::Runnable;
     if (g_order == Order::Random) make_order(L);
