@@ -471,6 +471,20 @@ def test_cluster_kernel_matches_reference_and_single_cta(cuda_rt, batch, n, d, k
     _check_batch(tokens, saliency, got.cpu(), want.cpu(), 1.0, combine, lengths, f"cluster C={size} N={n} k={k} {combine}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(7, 7), (97, 16)])
+def test_cluster_kernel_on_16bit_tokens(cuda_rt, dtype, n, k):
+    # 16-bit tokens reach the cluster kernel through the fused similarity (fp32 S), the same S the
+    # single-CTA kernel reads, so the picks must be the same, and a valid selection.
+    _needs_clusters(cuda_rt)
+    tokens, saliency = _data(2, n, 24, seed=n + k, device=cuda_rt.device, dtype=dtype)
+    got, single = _cluster_vs_single(tokens, saliency, k, "mul", None, 0)
+    assert got.shape == (2, k) and got.dtype == torch.int64
+    assert torch.equal(got, single)
+    for row in got.cpu().tolist():
+        assert len(set(row)) == k and all(0 <= i < n for i in row)
+
+
 @pytest.mark.parametrize("size", [2, 4, 8, 16])
 def test_cluster_slices_in_shared_and_global_memory(cuda_rt, size):
     """Every size with the column slices in shared memory, and streamed from global memory
