@@ -65,7 +65,7 @@ from torch import Tensor
 
 from vtprune._dispatch import constant_index, saliency_weights_f32
 from vtprune._validation import as_int64_on
-from vtprune._varlen import bind_scope_picks, select_packed
+from vtprune._varlen import bind_scope_picks, select_batched, select_packed
 from vtprune.similarity import scope_similarity, scope_storage_groups
 from vtprune.triton_kernels._common import check_float, interpreted
 from vtprune.triton_kernels.similarity import scope_similarity as fused_similarity
@@ -356,10 +356,7 @@ def scope_select(
 ) -> Tensor:
     """SCOPE (SPEC §1) on ``[B, N, D]`` tokens: int64 ``[B, k]``, ascending or in pick order."""
     _check_tokens(tokens, 3, "[B, N, D]")
-    k = int(k)
-    # select_batched's work without its per-call fill of the k tensor (a cached constant here)
-    picks = scope_picks(tokens, saliency, constant_index(tokens.shape[0], k, tokens.device), k, alpha, combine, lengths, **blocks)
-    return picks.sort(dim=1).values if sorted else picks
+    return select_batched(tokens, saliency, k, lengths, sorted, bind_scope_picks(scope_picks, alpha, combine, blocks))
 
 
 def scope_select_varlen(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import constant_index as _constant_index, saliency_weights_f32 as _weights_f32
-from ._varlen import bind_scope_picks, select_packed
+from ._varlen import bind_scope_picks, select_batched, select_packed
 from . import similarity as _similarity
 from .similarity import SCOPE_FP32_MAX_N, scope_similarity_dtype, scope_storage_groups
 
@@ -459,10 +459,7 @@ def scope_select(
     ``options`` are the test knobs of :func:`scope_picks`.
     """
     _check_tokens(tokens, 3, "[B, N, D]")
-    k = int(k)
-    # select_batched's work without its per-call fill of the k tensor (a cached constant here)
-    picks = scope_picks(tokens, saliency, _constant_index(tokens.shape[0], k, tokens.device), k, alpha, combine, lengths, **options)
-    return picks.sort(dim=1).values if sorted else picks
+    return select_batched(tokens, saliency, k, lengths, sorted, bind_scope_picks(scope_picks, alpha, combine, options))
 
 
 def scope_select_varlen(

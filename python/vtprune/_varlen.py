@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from ._dispatch import constant_index
+
 #: ``(x [B, max_len, D], sal [B, max_len], k_per_image int64 [B], k_max, lengths int64 [B] or None
 #: for all)`` -> picks int64 ``[B, k_max]`` in pick order (row ``b`` valid up to ``k_per_image[b]``).
 PaddedPicks = Callable[[Tensor, Tensor, Tensor, int, "Tensor | None"], Tensor]
@@ -36,7 +38,8 @@ def select_batched(
 ) -> Tensor:
     """The same ``k`` for every image of ``tokens [B, N, D]``: int64 ``[B, k]``, ascending or in pick order."""
     k = int(k)
-    ks = torch.full((tokens.shape[0],), k, dtype=torch.int64, device=tokens.device)
+    # a cached constant: a fresh fill would cost the host a launch on every call
+    ks = constant_index(tokens.shape[0], k, tokens.device)
     picks = padded_picks(tokens, saliency, ks, k, lengths)
     return picks.sort(dim=1).values if sorted else picks
 
