@@ -674,6 +674,35 @@ def test_cuda_graph_capture_and_replay(n):
 
 
 @needs_gpu
+def test_varlen_cuda_graph_with_max_seqlen():
+    """With max_seqlen and an int k the varlen op reads nothing from the device, so it captures;
+    cu_seqlens (and so the lengths) may change between replays, within the bound."""
+    static_x, static_s = _data(1, 300, 16, seed=4, device="cuda")
+    static_x, static_s = static_x[0], static_s[0]
+    static_cu = torch.tensor([0, 97, 300], dtype=torch.int32, device="cuda")
+    kw = dict(sorted=True, backend="cuda", max_seqlen=250)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            vtprune.scope_select_varlen(static_x, static_s, static_cu, 9, **kw)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_idx, static_cu_k = vtprune.scope_select_varlen(static_x, static_s, static_cu, 9, **kw)
+    for seed, split in ((5, 50), (6, 211)):
+        x, s = _data(1, 300, 16, seed=seed, device="cuda")
+        cu = torch.tensor([0, split, 300], dtype=torch.int32, device="cuda")
+        static_x.copy_(x[0])
+        static_s.copy_(s[0])
+        static_cu.copy_(cu)
+        graph.replay()
+        torch.cuda.synchronize()
+        want, want_cu_k = vtprune.scope_select_varlen(x[0], s[0], cu, 9, sorted=True, backend="cuda")
+        assert torch.equal(static_idx, want) and torch.equal(static_cu_k, want_cu_k)
+
+
+@needs_gpu
 def test_torch_compile_fullgraph():
     torch._dynamo.reset()
 

@@ -43,6 +43,7 @@ def _samples():
         ],
         "scope_select_varlen": [
             (_randn(13, 4), _rand(13), torch.tensor([0, 4, 13], **I64), torch.tensor([2, 5], **I64), 1.0, "mul", True),
+            (_randn(13, 4), _rand(13), torch.tensor([0, 4, 13], **I64), torch.tensor([3, 3], **I64), 0.5, "add", False),
         ],
         "holov_select": [
             (x, s, 4, None, 0.09, "attn", None, True),
@@ -67,6 +68,9 @@ def _samples():
 
 
 SAMPLES = _samples()
+
+#: Keyword arguments after the backend, per (op, sample index): the varlen shape hints.
+SAMPLE_KWARGS = {("scope_select_varlen", 1): {"max_seqlen": 11, "k_uniform": 3}}
 
 
 def _registered_ops() -> set[str]:
@@ -108,7 +112,7 @@ KNOWN_OPCHECK_BUGS: dict = {}
 def test_opcheck(op, backend, i):
     args = SAMPLES[op][i] + (backend,)
     packet = getattr(torch.ops.vtprune, op)
-    torch.library.opcheck(packet.default, args)
+    torch.library.opcheck(packet.default, args, SAMPLE_KWARGS.get((op, i), {}))
 
 
 # ----------------------------------------------------------------------------- torch.compile
@@ -212,6 +216,29 @@ def test_compile_fullgraph_varlen():
     eager = fn(x, s)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     _assert_same(compiled(x, s), eager)
+
+
+def test_compile_fullgraph_varlen_static_size():
+    """With one k for every sequence the output size B * k is static: the traced graph carries it
+    (no unbacked size), and max_seqlen passes through."""
+    torch._dynamo.reset()
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEVICE)
+    sizes = []
+
+    def record(gm, example_inputs):
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and "scope_select_varlen" in str(node.target):
+                sizes.append(tuple(node.meta["example_value"][0].shape))
+        return gm
+
+    def fn(x, s):
+        idx, cu_k = vtprune.scope_select_varlen(x, s, cu, 3, max_seqlen=7)
+        return idx, cu_k, x[idx]
+
+    x, s = _randn(12, 4, seed=22), _rand(12, seed=23)
+    eager = fn(x, s)
+    _assert_same(torch.compile(fn, fullgraph=True, backend=record)(x, s), eager)
+    assert sizes == [(6,)]
 
 
 def test_compile_inductor_scope():

@@ -182,7 +182,10 @@ def test_varlen_equals_per_sequence_calls(backend, seed, seqlens, d, alpha, comb
     else:
         k_arg = data.draw(st.integers(1, min(seqlens)), label="k")
         ks = [k_arg] * len(seqlens)
-    idx, cu_k = vtprune.scope_select_varlen(x, s, cu, k_arg, alpha, combine=combine, sorted=False, backend=backend)
+    # the FlashAttention-style bound on the lengths: absent, exact, or loose
+    max_seqlen = data.draw(st.sampled_from([None, max(seqlens), max(seqlens) + 3]), label="max_seqlen")
+    hint = {"max_seqlen": max_seqlen}
+    idx, cu_k = vtprune.scope_select_varlen(x, s, cu, k_arg, alpha, combine=combine, sorted=False, backend=backend, **hint)
     assert idx.dtype == torch.int64 and idx.shape == (sum(ks),)
     assert cu_k.dtype == cu_dtype and cu_k.tolist() == [0] + np.cumsum(ks).tolist()
     one = backend if backend in [p.values[0] for p in SCOPE_BACKENDS] else "reference"
@@ -193,7 +196,7 @@ def test_varlen_equals_per_sequence_calls(backend, seed, seqlens, d, alpha, comb
         want = vtprune.fused_scope_select(x[start : start + n], s[start : start + n], ks[b], alpha, combine=combine, sorted=False, backend=one)
         assert_same_greedy(got - start, want, x[start : start + n], s[start : start + n], alpha, combine)
     # sorted=True: the same picks, ascending inside each sequence
-    idx_s, cu_k_s = vtprune.scope_select_varlen(x, s, cu, k_arg, alpha, combine=combine, sorted=True, backend=backend)
+    idx_s, cu_k_s = vtprune.scope_select_varlen(x, s, cu, k_arg, alpha, combine=combine, sorted=True, backend=backend, **hint)
     assert torch.equal(cu_k_s, cu_k)
     for b in range(len(seqlens)):
         lo, hi = int(cu_k[b]), int(cu_k[b + 1])

@@ -295,6 +295,41 @@ def test_varlen_int_k_out_of_range(k):
         varlen(k=k)
 
 
+@pytest.mark.parametrize(
+    "max_seqlen,error,match",
+    [(3, ValueError, "longest sequence"), (0, ValueError, ">= 1"), (-4, ValueError, ">= 1"), (4.0, TypeError, "int"),
+     (True, TypeError, "int"), (_ints([4]), TypeError, "int")],
+    ids=["below-longest", "zero", "neg", "float", "bool", "tensor"],
+)
+def test_varlen_bad_max_seqlen(max_seqlen, error, match):
+    # sequences of 3 and 4 tokens: the bound must be an int >= 4
+    with pytest.raises(error, match=f"max_seqlen.*{match}"):
+        varlen(k=1, max_seqlen=max_seqlen)
+
+
+@pytest.mark.parametrize("backend", backend_params("scope_select_varlen"))
+def test_varlen_max_seqlen_below_longest_checked_or_cut(backend):
+    """A bound below the longest sequence is an error wherever the offsets are read; on the GPU
+    path that reads nothing, the longer sequence is cut to its first max_seqlen tokens and no
+    index leaves it."""
+    x, s = _tok(12, 4), _sal(12)
+    cu = _ints([0, 3, 12], torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen"):
+        vtprune.scope_select_varlen(x, s, cu, 2, max_seqlen=5, backend=backend, check_values=True)
+    if backend in ("torch", "reference"):
+        return  # these always read the offsets (they do not clamp)
+    from vtprune.bench.host_stubs import device_side_values
+
+    with device_side_values():
+        idx, cu_k = vtprune.scope_select_varlen(x, s, cu, 2, max_seqlen=5, sorted=False, backend=backend)
+    assert cu_k.tolist() == [0, 2, 4]
+    a, b = idx[:2].tolist(), idx[2:].tolist()
+    assert len(set(a)) == 2 and all(0 <= v < 3 for v in a)
+    assert len(set(b)) == 2 and all(3 <= v < 8 for v in b)
+    check_greedy_picks(x[:3], s[:3], a, 1.0, "mul")
+    check_greedy_picks(x[3:8], s[3:8], [v - 3 for v in b], 1.0, "mul")
+
+
 def test_varlen_k_tensor_bad_shape_and_dtype():
     with pytest.raises(ValueError, match="k"):
         varlen(k=_ints([1, 1, 1]))

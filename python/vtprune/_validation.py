@@ -184,6 +184,21 @@ def check_cu_seqlens(
     return as_int64_on(cu_seqlens, device), values
 
 
+def check_max_seqlen(max_seqlen: Any, cu_values: list[int] | None) -> int | None:
+    """``max_seqlen``: ``None``, or an int upper bound on the sequence lengths (checked against them
+    when the offsets were read, see :func:`check_cu_seqlens`)."""
+    if max_seqlen is None:
+        return None
+    max_seqlen = check_int(max_seqlen, "max_seqlen")
+    if max_seqlen < 1:
+        raise ValueError(f"max_seqlen must be >= 1; got {max_seqlen}")
+    if cu_values is not None and len(cu_values) > 1:
+        longest = max(b - a for a, b in zip(cu_values, cu_values[1:]))
+        if max_seqlen < longest:
+            raise ValueError(f"max_seqlen must be >= the longest sequence ({longest} tokens); got {max_seqlen}")
+    return max_seqlen
+
+
 def check_k_per_seq(
     k: Any, cu_seqlens: Tensor, device: torch.device, cu_values: list[int] | None = None, check_values: bool = False
 ) -> Tensor:

@@ -51,6 +51,8 @@ def select_packed(
     k_per_seq: Tensor,
     sorted: bool,
     padded_picks: PaddedPicks,
+    max_seqlen: int | None = None,
+    k_uniform: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run ``padded_picks`` on the packed sequences; ``(indices into T [sum k], cu_k [B+1])``, int64.
 
@@ -59,23 +61,49 @@ def select_packed(
     increasing from 0 to ``T``, ``1 <= k_b <= seqlen_b``); the kernels clamp bad values, so they
     can never read out of bounds. Padded slots hold copies of real tokens, which the kernels
     never read (they stop at ``lengths``).
+
+    The output shapes come from the host: ``max_seqlen`` (an upper bound on the sequence lengths,
+    as in FlashAttention) and ``k_uniform`` (the one ``k`` of every sequence, when there is one).
+    What they leave unknown is read from the device in one small sync; with both given, nothing
+    is. A ``max_seqlen`` below the longest sequence cuts the longer ones to their first
+    ``max_seqlen`` tokens (the public op rejects it wherever it reads the offsets).
     """
     device = tokens.device
     cu = cu_seqlens.to(device=device, dtype=torch.int64)
     ks = k_per_seq.to(device=device, dtype=torch.int64)
     batch = ks.shape[0]
-    cu_k = torch.zeros(batch + 1, dtype=torch.int64, device=device)
-    cu_k[1:] = ks.cumsum(0)
+    if k_uniform is not None:
+        cu_k = torch.arange(0, (batch + 1) * k_uniform, k_uniform, dtype=torch.int64, device=device)
+    else:
+        cu_k = torch.zeros(batch + 1, dtype=torch.int64, device=device)
+        cu_k[1:] = ks.cumsum(0)
     if batch == 0 or tokens.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=device), cu_k
     lengths = cu[1:] - cu[:-1]
-    # The output shapes must be known on the host: one small sync, outside the kernel.
-    max_len, k_max, total = (int(v) for v in torch.stack([lengths.max(), ks.max(), cu_k[-1]]).tolist())
+    if max_seqlen is not None:
+        # no sequence is longer than T; a bound below the longest one must not let a kernel read
+        # past its padded row
+        max_len = min(max_seqlen, tokens.shape[0])
+        lengths = lengths.clamp(max=max_len)
+    if k_uniform is not None:
+        k_max, total = k_uniform, batch * k_uniform
+    if max_seqlen is None or k_uniform is None:
+        # the one sync: whatever of the output shapes the host was not told
+        read = [int(v) for v in torch.stack([lengths.max(), ks.max(), cu_k[-1]]).tolist()]
+        if max_seqlen is None:
+            max_len = read[0]
+        if k_uniform is None:
+            k_max, total = read[1], read[2]
     if max_len <= 0 or k_max <= 0 or total <= 0:
         return torch.empty(0, dtype=torch.int64, device=device), cu_k
     pos = torch.arange(max_len, device=device)
     src = (cu[:-1, None] + pos[None, :]).clamp(0, tokens.shape[0] - 1)
     picks = padded_picks(tokens[src], saliency[src], ks, k_max, lengths)
+    if k_uniform is not None:
+        # every row is exactly k long: no tail to mask, and row b packs at b * k
+        if sorted:
+            picks = picks.sort(dim=1).values
+        return (picks + cu[:-1, None]).reshape(-1), cu_k
     if sorted:
         keep = torch.arange(k_max, device=device)[None, :] < ks[:, None]
         # the unused tail of a row (past its k_b) sorts after every kept pick

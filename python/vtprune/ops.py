@@ -109,15 +109,18 @@ def _scope_select_varlen_op(
     combine: str,
     sorted: bool,
     backend: str,
+    max_seqlen: Optional[int] = None,
+    k_uniform: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     _, impl = resolve("scope_select_varlen", backend, tokens.device, tokens.dtype)
-    indices, cu_k = impl(tokens, saliency, cu_seqlens, k_per_seq, alpha, combine, sorted)
+    indices, cu_k = impl(tokens, saliency, cu_seqlens, k_per_seq, alpha, combine, sorted, max_seqlen, k_uniform)
     return indices, cu_k
 
 
 @_scope_select_varlen_op.register_fake
-def _(tokens, saliency, cu_seqlens, k_per_seq, alpha, combine, sorted, backend):
-    total = torch.library.get_ctx().new_dynamic_size()
+def _(tokens, saliency, cu_seqlens, k_per_seq, alpha, combine, sorted, backend, max_seqlen=None, k_uniform=None):
+    # one k for every sequence: B * k picks; per-sequence budgets: their sum, known only at run time
+    total = torch.library.get_ctx().new_dynamic_size() if k_uniform is None else (cu_seqlens.shape[0] - 1) * k_uniform
     return tokens.new_empty((total,), dtype=_INT64), cu_seqlens.new_empty(cu_seqlens.shape, dtype=_INT64)
 
 
@@ -262,6 +265,7 @@ def scope_select_varlen(
     sorted: bool = True,
     backend: str = "auto",
     check_values: bool = False,
+    max_seqlen: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SCOPE on packed sequences of different lengths, FlashAttention-style (SPEC §1).
 
@@ -271,6 +275,14 @@ def scope_select_varlen(
         cu_seqlens: ``[B+1]`` int32/int64 offsets, ``0 = cu[0] < cu[1] < ... < cu[B] = T``.
         k: one budget for every sequence, or an int tensor ``[B]`` of per-sequence budgets.
         alpha, combine, sorted, backend, check_values: as in :func:`fused_scope_select`.
+        max_seqlen: optional upper bound on the sequence lengths, as FlashAttention's varlen
+            functions take it. The GPU backends size their padded batch from it instead of
+            reading the longest length from the device: with it and an int ``k`` the call never
+            syncs (for ``max_seqlen <= 4096``; see docs/semantics.md on larger images), so it can
+            be captured in a CUDA graph. A tensor ``k`` still costs one read, for the output size
+            ``sum(k)``. It must be at least the longest sequence; that is checked
+            wherever the offsets are read (CPU tensors, ``check_values=True``, the PyTorch
+            backends); unchecked, a longer sequence is cut to its first ``max_seqlen`` tokens.
 
     Returns:
         ``(indices, cu_k)``: int64 indices into ``T`` (sequence ``b``'s picks at
@@ -290,14 +302,17 @@ def scope_select_varlen(
     strict = _strict(check_values, resolved)
     cu, cu_values = V.check_cu_seqlens(cu_seqlens, tokens.shape[0], tokens.device, strict)
     ks = V.check_k_per_seq(k, cu, tokens.device, cu_values, strict)
+    max_seqlen = V.check_max_seqlen(max_seqlen, cu_values)
+    k_uniform = None if isinstance(k, Tensor) else int(k)
     if check_values:
         V.check_finite(tokens=tokens, saliency=saliency)
     if cu.shape[0] == 1:
         return tokens.new_empty((0,), dtype=_INT64), cu_seqlens.new_zeros((1,))
+    hints = (max_seqlen, k_uniform)
     if resolved is not None and _direct(tokens, saliency, cu, ks):
-        indices, cu_k = resolved[1](tokens, saliency, cu, ks, alpha, combine, bool(sorted))
+        indices, cu_k = resolved[1](tokens, saliency, cu, ks, alpha, combine, bool(sorted), *hints)
     else:
-        indices, cu_k = _scope_select_varlen_op(tokens, saliency, cu, ks, alpha, combine, bool(sorted), backend)
+        indices, cu_k = _scope_select_varlen_op(tokens, saliency, cu, ks, alpha, combine, bool(sorted), backend, *hints)
     return indices, (cu_k if cu_k.dtype == cu_seqlens.dtype else cu_k.to(cu_seqlens.dtype))
 
 
