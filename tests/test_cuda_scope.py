@@ -698,7 +698,8 @@ def test_varlen_cuda_graph_with_max_seqlen():
         static_cu.copy_(cu)
         graph.replay()
         torch.cuda.synchronize()
-        want, want_cu_k = vtprune.scope_select_varlen(x[0], s[0], cu, 9, sorted=True, backend="cuda")
+        # the same padded width outside the graph: cuBLAS may round another width's S differently
+        want, want_cu_k = vtprune.scope_select_varlen(x[0], s[0], cu, 9, **kw)
         assert torch.equal(static_idx, want) and torch.equal(static_cu_k, want_cu_k)
 
 
