@@ -48,6 +48,12 @@ SYNC_OR_COPY = {
 #: ``lengths`` given on the host adds its value check (tolist: resolve_conj, resolve_neg), which a
 #: CUDA ``lengths`` skips (see test_value_checks_skip_device_tensors).
 SCOPE_OPS_BOUND = {"cuda": 10, "triton": 13}
+#: scope_select_varlen(tokens [64, 16], s, cu int32 [3], 8, max_seqlen=32): the same similarity
+#: and picks (9 cuda, 12 triton) and sort, plus the packing around them (15): cu to int64, the
+#: k fill, cu_k (arange), the starts (slice, unsqueeze), the lengths (diff, clamp to the bound),
+#: the padded gather (arange, add, clamp, two index), the packed indices (add, reshape) and cu_k
+#: back to int32.
+VARLEN_OPS_BOUND = {"cuda": 25, "triton": 28}
 LENGTHS_CHECK_OPS = 2
 
 
@@ -90,6 +96,15 @@ def test_scope_ops_per_call_with_lengths(stubbed):
     lengths = torch.tensor([32, 20])
     names = top_level_ops(lambda: vtprune.fused_scope_select(x, s, 8, lengths=lengths, backend=stubbed))
     assert len(names) <= SCOPE_OPS_BOUND[stubbed] + LENGTHS_CHECK_OPS, names
+
+
+def test_varlen_ops_per_call(stubbed, device_side_values):
+    x, s = _scope_inputs(batch=2)
+    packed, sal_packed = x.reshape(64, 16), s.reshape(64)
+    cu = torch.tensor([0, 32, 64], dtype=torch.int32)
+    call = lambda: vtprune.scope_select_varlen(packed, sal_packed, cu, 8, max_seqlen=32, backend=stubbed)  # noqa: E731
+    names = top_level_ops(call)
+    assert len(names) <= VARLEN_OPS_BOUND[stubbed], names
 
 
 def test_op_count_sees_an_added_op(stubbed, monkeypatch):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ._dispatch import constant_index
+from ._validation import as_int64_on
 
 #: ``(x [B, max_len, D], sal [B, max_len], k_per_image int64 [B], k_max, lengths int64 [B] or None
 #: for all)`` -> picks int64 ``[B, k_max]`` in pick order (row ``b`` valid up to ``k_per_image[b]``).
@@ -69,8 +70,8 @@ def select_packed(
     ``max_seqlen`` tokens (the public op rejects it wherever it reads the offsets).
     """
     device = tokens.device
-    cu = cu_seqlens.to(device=device, dtype=torch.int64)
-    ks = k_per_seq.to(device=device, dtype=torch.int64)
+    cu = as_int64_on(cu_seqlens, device)
+    ks = as_int64_on(k_per_seq, device)
     batch = ks.shape[0]
     if k_uniform is not None:
         cu_k = torch.arange(0, (batch + 1) * k_uniform, k_uniform, dtype=torch.int64, device=device)
@@ -79,7 +80,8 @@ def select_packed(
         cu_k[1:] = ks.cumsum(0)
     if batch == 0 or tokens.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=device), cu_k
-    lengths = cu[1:] - cu[:-1]
+    starts = cu[:-1, None]
+    lengths = torch.diff(cu)
     if max_seqlen is not None:
         # no sequence is longer than T; a bound below the longest one must not let a kernel read
         # past its padded row
@@ -96,14 +98,13 @@ def select_packed(
             k_max, total = read[1], read[2]
     if max_len <= 0 or k_max <= 0 or total <= 0:
         return torch.empty(0, dtype=torch.int64, device=device), cu_k
-    pos = torch.arange(max_len, device=device)
-    src = (cu[:-1, None] + pos[None, :]).clamp(0, tokens.shape[0] - 1)
+    src = (starts + torch.arange(max_len, device=device)).clamp(0, tokens.shape[0] - 1)
     picks = padded_picks(tokens[src], saliency[src], ks, k_max, lengths)
     if k_uniform is not None:
         # every row is exactly k long: no tail to mask, and row b packs at b * k
         if sorted:
             picks = picks.sort(dim=1).values
-        return (picks + cu[:-1, None]).reshape(-1), cu_k
+        return (picks + starts).reshape(-1), cu_k
     if sorted:
         keep = torch.arange(k_max, device=device)[None, :] < ks[:, None]
         # the unused tail of a row (past its k_b) sorts after every kept pick
