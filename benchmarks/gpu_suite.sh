@@ -15,7 +15,8 @@
 #              (latency vs N / k / L per provider) when matplotlib is installed; and bench-host:
 #              benchmarks/host_overhead.py --mode gpu (eager vs CUDA-graph time per call: the
 #              host's share of each latency) to OUT_DIR/bench-host.log
-#   summary    only rewrites OUT_DIR/summary.md from what OUT_DIR holds (always run last)
+#   summary    only rewrites OUT_DIR/summary.md from what OUT_DIR holds (always run last), with
+#              the issue targets judged on the tables (python -m vtprune.bench.targets OUT_DIR)
 # A session whose commands are time-limited runs the steps over several calls, e.g.
 # `build info tests`, then `build sanitizer`, then `build bench` (build is incremental), and
 # copies the OUT_DIRs into one folder; `gpu_suite.sh FOLDER summary` then writes one summary.
@@ -96,6 +97,14 @@ write_summary() {
       elif [ -f "$out/bench-$op.log" ]; then
         echo "## $op: no table (see bench-$op.log)"
         echo
+      fi
+    done
+    # the issue targets, judged on whichever tables this folder holds
+    for op in scope holov attention; do
+      if [ -f "$out/$op.json" ]; then
+        $py -m vtprune.bench.targets "$out" || echo "(the targets could not be evaluated: see above)"
+        echo
+        break
       fi
     done
     if [ -f "$out/bench-host.log" ]; then

@@ -401,3 +401,92 @@ def test_gpu_suite_summary_merges_the_steps_of_several_calls(tmp_path):
     assert "## holov: no table (see bench-holov.log)" in summary
     assert "## host overhead" in summary and "op | backend | event us | graph us" in summary
     assert "attention" not in summary  # a step that never ran is not reported
+    assert "Issue targets" not in summary  # no JSON table to judge them on
+
+
+def test_gpu_suite_summary_judges_the_targets(tmp_path):
+    rows = _target_rows("llava15", {"B": 1, "N": 576, "D": 1024, "k": 64}, reference_loop=3.0, cuda=0.03)
+    (tmp_path / "scope.json").write_text(json.dumps(_targets_report("scope", "reference_loop", rows).to_dict()))
+    result = _gpu_suite(str(tmp_path), "summary")
+    assert result.returncode == 0, result.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Issue targets" in summary and "| 3 | B=1, N=576, k=64 ≤ 40 µs | llava15 | cuda | 30.0 µs | yes |" in summary
+
+
+# ----------------------------------------------------------------------------- issue targets
+
+
+def _target_rows(case: str, params: dict, **ms: float) -> list[Row]:
+    """One row per provider with the given median ms; the first provider is the baseline."""
+    base = next(iter(ms.values()))
+    return [Row(case, p, "bfloat16", params, median_ms=t, runs=5, ratio_vs_baseline=base / t, same_as_reference=True)
+            for p, t in ms.items()]
+
+
+def _targets_report(op: str, baseline: str, rows: list[Row], dtype: str = "bfloat16") -> Report:
+    return Report(op, "cuda", dtype, baseline, "picks equal", {"device": "NVIDIA Test GPU", "date": "2026-01-01"}, rows)
+
+
+def _verdict(text: str, reports: dict):
+    from vtprune.bench import targets
+
+    target = next(t for t in targets.TARGETS if t.text == text)
+    return targets.evaluate(target, reports.get(target.op))
+
+
+def test_targets_take_the_fastest_eager_kernel_that_agrees():
+    params = {"B": 1, "N": 576, "D": 1024, "k": 64}
+    rows = _target_rows("llava15", params, reference_loop=3.0, **{"torch.compile": 0.5}, triton=0.06, cuda=0.035,
+                        cuda_graph=0.01)
+    reports = {"scope": _targets_report("scope", "reference_loop", rows)}
+    latency = _verdict("B=1, N=576, k=64 ≤ 40 µs", reports)
+    assert (latency.provider, latency.met, latency.measured) == ("cuda", True, "35.0 µs")  # the graph row does not count
+    assert _verdict("B=1, N=576, k=64 ≥ 50× reference_loop", reports).met is True  # 85.7x
+    over = _verdict("B=1, N=576, k=64 ≥ 10× torch.compile", reports)
+    assert over.met is True and over.measured.startswith("14.3×")
+    # a kernel that disagrees with the check is not "ours": triton's 60 us misses the target
+    rows[3].same_as_reference = False
+    latency = _verdict("B=1, N=576, k=64 ≤ 40 µs", reports)
+    assert (latency.provider, latency.met) == ("triton", False)
+    assert _verdict("B=1, N=576, k=64 ≥ 10× torch.compile", reports).met is False  # 0.5 / 0.06 = 8.3x
+    # no row for the case, or no report for the op: not measured, not judged
+    assert _verdict("N=2880, k=640 ≤ 1 ms", reports).met is None
+    assert _verdict("B=32, N=576, k=64 ≤ 100 µs", reports).measured == "not measured"
+
+
+def test_targets_memory_bound_runs_and_dtype():
+    params = {"B": 1, "N": 16384, "D": 1280, "k": 1024}
+    fits = "N=16384, k=1024 completes within 2·N² + O(N·D) bytes"
+    rows = [Row("qwen", "cuda", "bfloat16", params, median_ms=40.0, runs=3, peak_extra_mib=800.0, same_as_reference=True)]
+    reports = {"scope": _targets_report("scope", "reference_loop", rows)}
+    assert _verdict(fits, reports).met is True  # bound: 512 + 320 MiB
+    rows[0].peak_extra_mib = 900.0
+    assert _verdict(fits, reports).met is False
+    rows[0].status, rows[0].median_ms = "OOM", None
+    v = _verdict(fits, reports)
+    assert v.met is False and v.notes == ["cuda: OOM"]
+    # attention at L=32768: ours runs where the materialized baseline does not
+    att = {"B": 1, "L": 32768, "H": 32, "Hkv": 32, "d": 128, "N": 32704}
+    rows = [Row("exact", "materialized", "float16", att, status="OOM"),
+            Row("exact", "triton", "float16", att, median_ms=12.0, runs=3, same_as_reference=True)]
+    v = _verdict("L=32768 exact H=32: runs (materialized may not)", {"attention": _targets_report("attention", "materialized", rows, "float16")})
+    assert v.met is True and "materialized: OOM" in v.notes
+    assert any("target is for bfloat16" in n for n in v.notes)
+
+
+def test_targets_markdown_from_a_folder(tmp_path):
+    from vtprune.bench import targets
+
+    params = {"B": 32, "N": 576, "D": 4096, "k": 64}
+    rows = _target_rows("serving", params, reference_loop=9.0, cuda=0.2)
+    (tmp_path / "holov.json").write_text(json.dumps(_targets_report("holov", "reference_loop", rows).to_dict()))
+    out = io.StringIO()
+    from contextlib import redirect_stdout
+
+    with redirect_stdout(out):
+        assert targets.main([str(tmp_path)]) == 0
+    text = out.getvalue()
+    assert "NVIDIA Test GPU (bfloat16)" in text
+    assert "| 4 | B=32, N=576, k=64 ≤ 100 µs | serving | cuda | 200.0 µs | **NO** |" in text
+    assert text.count("| – |") == len(targets.TARGETS) - 1  # every other target: not measured
+    assert targets.main([]) == 2
