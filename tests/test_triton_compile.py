@@ -14,6 +14,9 @@ ptxas). Checks per (specialization, target):
   longer spills, so the list only shrinks).
 
 Skipped only where triton lacks the compile API this follows (triton 3.9's) or has no ptxas.
+``VTPRUNE_AOT_COMPILE_PYTHON=/path/to/python`` compiles with another Python's triton (the
+launches are still recorded here): with a venv holding triton 3.6, the GPU machines' version,
+every specialization compiled for both targets too.
 One run: about 60 s on 2 otherwise idle cores (record ~8 s; compile ~50 s: 61 specializations x
 2 targets, two compiles at a time).
 """

@@ -520,7 +520,8 @@ def _specialize(fn: Any, launch: dict, backend: Any) -> tuple[str, dict, dict, d
     # the option defaults JITFunction.run adds before binding
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    if hasattr(knobs.compilation, "fpsan_homomorphic_casts"):  # added after triton 3.6
+        kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     bound, specialization, options = binder(*args, **kwargs)
     key = repr((tuple(specialization), sorted(options.items())))
@@ -643,6 +644,11 @@ class Report:
         return [r for r in self.results if not r["ok"]]
 
 
+#: Another Python (e.g. a venv with another triton) to compile with; recording stays in this one,
+#: whose interpreter runs the wrappers. How triton 3.6 (the GPU machines' version) was checked.
+COMPILE_PYTHON_ENV = "VTPRUNE_AOT_COMPILE_PYTHON"
+
+
 def _subprocess(mode: str, payload: dict | None, interpret: bool, timeout: float) -> dict:
     env = dict(os.environ)
     if interpret:
@@ -651,13 +657,16 @@ def _subprocess(mode: str, payload: dict | None, interpret: bool, timeout: float
         env.pop("TRITON_INTERPRET", None)
     # the child imports vtprune the way this process did (a checkout on sys.path, or the install)
     paths = [p for p in sys.path if p and os.path.isdir(p)]
+    python = os.environ.get(COMPILE_PYTHON_ENV) if mode == "compile" else None
+    if python:  # its own packages (triton above all) must not be shadowed by this Python's
+        paths = [p for p in paths if not p.endswith(("site-packages", "dist-packages"))]
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with tempfile.TemporaryDirectory(prefix="vtprune-aot-") as cache:
         # a fresh cache: every specialization is really compiled, so ptxas reports on it
         env["TRITON_CACHE_DIR"] = cache
         # its own process group, so a timeout also ends the compile pool's workers
         proc = subprocess.Popen(
-            [sys.executable, str(_HERE), mode],
+            [python or sys.executable, str(_HERE), mode],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
