@@ -114,6 +114,8 @@ def _cases(
     sp = torch.rand(n, generator=g).to(device, dtype)
     cu = torch.tensor([0, seq[0], n], dtype=torch.int32)  # host offsets, as docs/semantics.md advises
     ks = torch.tensor([k // 2, k // 2], dtype=torch.int64)
+    # the sync-free form: device offsets, the longest length given, one int k
+    cu_dev, ks_dev = cu.to(device, torch.int64), ks.to(device)
     c = 4
     w = torch.rand(batch, c, generator=g).to(device, dtype)
     cap = torch.full((batch, c), n // c, dtype=torch.int64, device=device)
@@ -135,6 +137,10 @@ def _cases(
         Case("scope_select_varlen", lambda: vtprune.scope_select_varlen(xp, sp, cu, k // 2, backend=backend),
              lambda: ops._scope_select_varlen_op(xp, sp, cu.to(device, torch.int64), ks.to(device), 1.0, "mul", True, backend),
              "scope_select_varlen", (xp, sp, cu.to(device, torch.int64), ks.to(device), 1.0, "mul", True), device, f32),
+        Case("scope_select_varlen+max_seqlen",
+             lambda: vtprune.scope_select_varlen(xp, sp, cu_dev, k // 2, max_seqlen=seq[1], backend=backend),
+             lambda: ops._scope_select_varlen_op(xp, sp, cu_dev, ks_dev, 1.0, "mul", True, backend, seq[1], k // 2),
+             "scope_select_varlen", (xp, sp, cu_dev, ks_dev, 1.0, "mul", True, seq[1], k // 2), device, f32),
         Case("holov_select", lambda: vtprune.holov_select(x, s, k, backend=backend),
              lambda: ops._holov_select_op(x, s, k, None, 0.09, "attn", None, True, backend),
              "holov_select", (x, s, k, None, 0.09, "attn", None, True), device, f32),

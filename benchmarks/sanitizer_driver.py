@@ -57,6 +57,8 @@ def run_cuda_scope_paths() -> int:
         k = max(1, int(lengths.min()) // 2)
         limits = lengths.tolist()
         base = _cuda.scope_select(x, s, k, 1.0, "mul", lengths, False)
+        ascending = base.sort(dim=1).values  # what the kernels' own sorted output must be
+        checks.append((f"scope sorted N={n}", torch.equal(_cuda.scope_select(x, s, k, 1.0, "mul", lengths, True), ascending)))
         for name, opts in (
             ("global-state", dict(force_global_state=True)),
             ("fp16-S", dict(similarity_dtype=torch.float16)),
@@ -76,6 +78,9 @@ def run_cuda_scope_paths() -> int:
                 for force in (False, True):
                     got = _cuda.scope_select(x, s, k, 1.0, "mul", lengths, False, cluster_size=size, force_global_state=force)
                     checks.append((f"scope cluster C={size} stream={force} N={n}", torch.equal(got, base)))
+                    # sorted: every CTA of the cluster writes its own part of each row
+                    got = _cuda.scope_select(x, s, k, 1.0, "mul", lengths, True, cluster_size=size, force_global_state=force)
+                    checks.append((f"scope cluster sorted C={size} stream={force} N={n}", torch.equal(got, ascending)))
     # N > 4096: S stored in fp16 by the default path (one image padded, one mixed-storage batch)
     for lens in ([4099, 4097], [4099, 1000]):
         x, s, _ = _inputs(2, 4099, 8, torch.float16, seed=4099)

@@ -35,8 +35,8 @@ constexpr int64_t kScopeMaxN = int64_t{1} << 24;
 // flags (uint8) per token, 9 * B * N (0 when B or N is 0). Host-only, touches no device.
 int64_t scope_workspace_bytes(int64_t B, int64_t N);
 
-// SCOPE greedy picks (SPEC §1) in pick order: out[b, i] for i < k_b, where
-// len_b = clamp(lengths[b], 1, N) and k_b = clamp(k_per_image[b], 0, min(len_b, k_max));
+// SCOPE greedy picks (SPEC §1) in pick order (or ascending, with `sorted`): out[b, i] for i < k_b,
+// where len_b = clamp(lengths[b], 1, N) and k_b = clamp(k_per_image[b], 0, min(len_b, k_max));
 // out[b, i] for i >= k_b is left untouched. One CTA per image runs every step.
 //
 // sim: [B, N, N] contiguous similarity, dtype code 0 (float32) or 1 (float16); only rows and
@@ -52,7 +52,7 @@ cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const float* wei
                                 const int64_t* lengths, const int64_t* k_per_image, int64_t B,
                                 int64_t N, int64_t k_max, bool mul, void* workspace,
                                 int64_t workspace_bytes, int64_t* out, cudaStream_t stream,
-                                bool force_global_state, int64_t max_list);
+                                bool force_global_state, int64_t max_list, bool sorted);
 
 // ---- SCOPE similarity (csrc/similarity.cu)
 
@@ -85,7 +85,7 @@ cudaError_t launch_scope_greedy_cluster(const void* sim, int sim_dtype, const fl
                                         int64_t B, int64_t N, int64_t k_max, bool mul,
                                         void* workspace, int64_t workspace_bytes, int64_t* out,
                                         cudaStream_t stream, bool force_global_state,
-                                        int64_t max_list, int cluster_size);
+                                        int64_t max_list, int cluster_size, bool sorted);
 
 // The launch plan launch_scope_greedy_cluster would use on `device` for N tokens: the cluster
 // size, whether the column slices stay in shared memory, and the dynamic shared memory per CTA.

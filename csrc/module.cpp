@@ -169,7 +169,7 @@ void scope_greedy(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t weights_
                   std::uintptr_t lengths_ptr, std::uintptr_t k_per_image_ptr, int64_t B, int64_t N,
                   int64_t k_max, bool mul, std::uintptr_t workspace_ptr, int64_t workspace_bytes,
                   std::uintptr_t out_ptr, std::uintptr_t stream, bool force_global_state,
-                  int64_t max_list) {
+                  int64_t max_list, bool sorted) {
   check_sim_dtype("sim_dtype", sim_dtype);
   check_scope_sizes(B, N);
   check_nonnegative("k_max", k_max);
@@ -184,7 +184,7 @@ void scope_greedy(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t weights_
       as_ptr<const void>(sim_ptr), sim_dtype, as_ptr<const float>(weights_ptr),
       as_ptr<const int64_t>(lengths_ptr), as_ptr<const int64_t>(k_per_image_ptr), B, N, k_max, mul,
       as_ptr<void>(workspace_ptr), workspace_bytes, as_ptr<int64_t>(out_ptr),
-      reinterpret_cast<cudaStream_t>(stream), force_global_state, max_list);
+      reinterpret_cast<cudaStream_t>(stream), force_global_state, max_list, sorted);
   if (err != cudaSuccess) {
     throw std::runtime_error("vtprune._C.scope_greedy: CUDA launch failed: " + describe(err));
   }
@@ -212,7 +212,8 @@ void scope_greedy_cluster(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t 
                           std::uintptr_t lengths_ptr, std::uintptr_t k_per_image_ptr, int64_t B,
                           int64_t N, int64_t k_max, bool mul, std::uintptr_t workspace_ptr,
                           int64_t workspace_bytes, std::uintptr_t out_ptr, std::uintptr_t stream,
-                          bool force_global_state, int64_t max_list, int cluster_size) {
+                          bool force_global_state, int64_t max_list, int cluster_size,
+                          bool sorted) {
   if (sim_dtype != static_cast<int>(vtprune::DType::Float32)) {
     throw py::value_error("sim_dtype must be 0 (float32) for the cluster kernel, got " +
                           std::to_string(sim_dtype));
@@ -236,7 +237,7 @@ void scope_greedy_cluster(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t 
       as_ptr<const void>(sim_ptr), sim_dtype, as_ptr<const float>(weights_ptr),
       as_ptr<const int64_t>(lengths_ptr), as_ptr<const int64_t>(k_per_image_ptr), B, N, k_max, mul,
       as_ptr<void>(workspace_ptr), workspace_bytes, as_ptr<int64_t>(out_ptr),
-      reinterpret_cast<cudaStream_t>(stream), force_global_state, max_list, cluster_size);
+      reinterpret_cast<cudaStream_t>(stream), force_global_state, max_list, cluster_size, sorted);
   if (err != cudaSuccess) throw_cluster_error("vtprune._C.scope_greedy_cluster", err, "CUDA launch failed");
 }
 
@@ -446,9 +447,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("weights_ptr"), py::arg("lengths_ptr"), py::arg("k_per_image_ptr"), py::arg("B"),
         py::arg("N"), py::arg("k_max"), py::arg("mul"), py::arg("workspace_ptr"),
         py::arg("workspace_bytes"), py::arg("out_ptr"), py::arg("stream"),
-        py::arg("force_global_state") = false, py::arg("max_list") = 0,
-        "SCOPE greedy picks (SPEC §1) in pick order into out int64 [B, k_max] (entries past "
-        "image b's k are left untouched). sim: [B, N, N] similarity, dtype 0 (float32) or 1 "
+        py::arg("force_global_state") = false, py::arg("max_list") = 0, py::arg("sorted") = false,
+        "SCOPE greedy picks (SPEC §1) in pick order (ascending with sorted=True) into out int64 "
+        "[B, k_max] (entries past image b's k are left untouched). sim: [B, N, N] similarity, dtype 0 (float32) or 1 "
         "(float16); weights float32 [B, N]; lengths and k_per_image int64 [B] (clamped to [1, N] "
         "and [0, min(length, k_max)]); mul: combine 'mul' (True) or 'add'; workspace: at least "
         "scope_workspace_bytes(B, N) bytes. All contiguous device memory on one device; launches "
@@ -463,6 +464,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("N"), py::arg("k_max"), py::arg("mul"), py::arg("workspace_ptr"),
         py::arg("workspace_bytes"), py::arg("out_ptr"), py::arg("stream"),
         py::arg("force_global_state") = false, py::arg("max_list") = 0, py::arg("cluster_size") = 0,
+        py::arg("sorted") = false,
         "scope_greedy's picks (bit for bit) on a thread-block cluster per image (compute "
         "capability >= 9.0): each CTA owns a slice of S's columns, kept in shared memory when it "
         "fits. sim: float32 [B, N, N] (sim_dtype 0), N <= scope_cluster_max_n(); the workspace "

@@ -15,6 +15,8 @@
 //     update gain(v) -= sum_{u listed} min(max(S[u, v] - lo_u, 0), hi_u - lo_u)
 //            = max(0, S - lo) - max(0, S - hi), written so that a covered entry adds exactly 0.
 //            A step costs |list| x N instead of the reference's N x N.
+//   out      the picks in pick order, or (sorted) ascending: the selected flags compacted in
+//            index order after the last step, so the op needs no separate sort launch.
 //
 // Column sums (init and update) walk the columns in tiles of kTileCols. Inside a tile, row group g
 // (kColThreads consecutive threads, one row at a time, so every warp reads contiguous memory) sums
@@ -162,7 +164,7 @@ template <typename T, bool kStateInSmem>
 __global__ void __launch_bounds__(kThreads, 1)
 scope_greedy_kernel(const T* __restrict__ sim, const float* __restrict__ weights,
                     const int64_t* __restrict__ lengths, const int64_t* __restrict__ k_per_image,
-                    int64_t B, int64_t n, int64_t k_max, bool mul, int list_cap,
+                    int64_t B, int64_t n, int64_t k_max, bool mul, bool sorted, int list_cap,
                     unsigned char* __restrict__ workspace, int64_t* __restrict__ out) {
   extern __shared__ __align__(16) unsigned char smem[];
   const SmemLayout lay = make_layout(list_cap, n, kStateInSmem);
@@ -204,11 +206,12 @@ scope_greedy_kernel(const T* __restrict__ sim, const float* __restrict__ weights
     for (int i = 0; i < kb; ++i) {
       const int t = pick_next(w_b, st, length, mul, sh);
       if (tid == 0) {
-        out_b[i] = t;
+        if (!sorted) out_b[i] = t;
         st.flags[t] = 1;  // next read by pick_next, after the barriers of cover_and_update
       }
       cover_and_update<T>(s_b, n, length, t, list_cap, st, sh);
     }
+    if (sorted) write_selected_ascending<Tile>(st.flags, length, 0, 0, out_b, sh);
   }
 }
 
@@ -249,12 +252,12 @@ cudaError_t allow_optin_smem(int device, int optin) {
 template <typename T, bool kStateInSmem>
 cudaError_t launch_typed(const void* sim, const float* weights, const int64_t* lengths,
                          const int64_t* k_per_image, int64_t B, int64_t N, int64_t k_max, bool mul,
-                         int list_cap, int64_t smem_bytes, int device, int optin,
+                         bool sorted, int list_cap, int64_t smem_bytes, int device, int optin,
                          unsigned char* workspace, int64_t* out, cudaStream_t stream) {
   if (smem_bytes > kDefaultSmem) VTPRUNE_CUDA_TRY((allow_optin_smem<T, kStateInSmem>(device, optin)));
   const dim3 grid(static_cast<unsigned>(std::min(B, kMaxGridX)));
   scope_greedy_kernel<T, kStateInSmem><<<grid, kThreads, static_cast<size_t>(smem_bytes), stream>>>(
-      static_cast<const T*>(sim), weights, lengths, k_per_image, B, N, k_max, mul, list_cap,
+      static_cast<const T*>(sim), weights, lengths, k_per_image, B, N, k_max, mul, sorted, list_cap,
       workspace, out);
   return cudaGetLastError();
 }
@@ -293,7 +296,7 @@ cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const float* wei
                                 const int64_t* lengths, const int64_t* k_per_image, int64_t B,
                                 int64_t N, int64_t k_max, bool mul, void* workspace,
                                 int64_t workspace_bytes, int64_t* out, cudaStream_t stream,
-                                bool force_global_state, int64_t max_list) {
+                                bool force_global_state, int64_t max_list, bool sorted) {
   if ((sim_dtype != static_cast<int>(DType::Float32) &&
        sim_dtype != static_cast<int>(DType::Float16)) ||
       B < 0 || N < 0 || N > kScopeMaxN || k_max < 0 || workspace_bytes < 0 || max_list < 0) {
@@ -329,15 +332,15 @@ cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const float* wei
   if (sim_dtype == static_cast<int>(DType::Float32)) {
     return plan.state_in_smem
                ? launch_typed<float, true>(sim, weights, lengths, k_per_image, B, N, k_max, mul,
-                                           cap, bytes, device, optin, ws, out, stream)
+                                           sorted, cap, bytes, device, optin, ws, out, stream)
                : launch_typed<float, false>(sim, weights, lengths, k_per_image, B, N, k_max, mul,
-                                            cap, bytes, device, optin, ws, out, stream);
+                                            sorted, cap, bytes, device, optin, ws, out, stream);
   }
   return plan.state_in_smem
-             ? launch_typed<__half, true>(sim, weights, lengths, k_per_image, B, N, k_max, mul, cap,
-                                          bytes, device, optin, ws, out, stream)
+             ? launch_typed<__half, true>(sim, weights, lengths, k_per_image, B, N, k_max, mul, sorted,
+                                          cap, bytes, device, optin, ws, out, stream)
              : launch_typed<__half, false>(sim, weights, lengths, k_per_image, B, N, k_max, mul,
-                                           cap, bytes, device, optin, ws, out, stream);
+                                           sorted, cap, bytes, device, optin, ws, out, stream);
 }
 
 }  // namespace vtprune

@@ -27,6 +27,10 @@
 //            every CTA applies the same lists).
 //     update every CTA subtracts sum_{u listed} max(0, S[u, v] - lo_u) - max(0, S[u, v] - hi_u)
 //            from the gains of its own columns, reading S from its slice (shared) or from L2.
+//   out      in pick order, written by CTA 0; or (sorted) ascending: every CTA compacts its own
+//            selected flags to out[below], out[below + 1], ..., below = the picks left of its
+//            slice, which every CTA counts on its own (every CTA sees every pick), so the ranges
+//            are disjoint and no exchange is needed.
 //
 // Summation order. A column sum is split over kRowGroups = 8 row groups exactly as in scope.cu
 // (group g adds rows j = g, g + 8, ... of the list or of the image in order, the eight partial
@@ -214,8 +218,8 @@ template <bool kSlice>
 __global__ void __launch_bounds__(kThreads, 1)
 scope_cluster_kernel(const float* __restrict__ sim, const float* __restrict__ weights,
                      const int64_t* __restrict__ lengths, const int64_t* __restrict__ k_per_image,
-                     int64_t B, int64_t n, int64_t k_max, bool mul, int width, int list_cap,
-                     int64_t* __restrict__ out) {
+                     int64_t B, int64_t n, int64_t k_max, bool mul, bool sorted, int width,
+                     int list_cap, int64_t* __restrict__ out) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   extern __shared__ __align__(16) unsigned char smem[];
   const Layout lay = make_layout(n, width, list_cap, kSlice);
@@ -254,18 +258,21 @@ scope_cluster_kernel(const float* __restrict__ sim, const float* __restrict__ we
     column_pass<Tile, true>(ncols, length, SliceRows<true>{s_b, n, c0, width, sh.slice}, sh,
                             sh.gain);  // ends with a barrier
 
+    int below = 0;  // picks left of this CTA's columns (the same in every thread)
     for (int i = 0; i < kb; ++i) {
       local_pick(w_b, c0, ncols, mul, buf, sh);
       cluster.sync();  // publishes every CTA's triple (and orders this CTA's shared memory)
       const int t = cluster_pick(cluster, csize, buf, length, sh);
       buf ^= 1;
+      below += t < c0;
       if (tid == 0) {
-        if (rank == 0) out_b[i] = t;
+        if (rank == 0 && !sorted) out_b[i] = t;
         // next read by local_pick, after the barriers of cover_and_update
         if (t >= c0 && t < c0 + ncols) sh.flags[t - c0] = 1;
       }
       cover_and_update(s_b, n, length, t, c0, ncols, width, sh);
     }
+    if (sorted) write_selected_ascending<Tile>(sh.flags, ncols, c0, below, out_b, sh);
   }
   cluster.sync();  // no CTA exits while another may still read its pick buffers
 #else
@@ -410,12 +417,13 @@ bool choose_plan(int64_t n, int requested, bool force_stream, int device, int op
 template <bool kSlice>
 cudaError_t launch_typed(const Plan& p, const float* sim, const float* weights, const int64_t* lengths,
                          const int64_t* k_per_image, int64_t B, int64_t N, int64_t k_max, bool mul,
-                         int64_t* out, cudaStream_t stream, int device, int optin) {
+                         bool sorted, int64_t* out, cudaStream_t stream, int device, int optin) {
   VTPRUNE_CUDA_TRY(prepare_kernel<kSlice>(device, optin));
   cudaLaunchAttribute attr{};
   const cudaLaunchConfig_t cfg = launch_config(p, B, stream, &attr);
   VTPRUNE_CUDA_TRY(cudaLaunchKernelEx(&cfg, scope_cluster_kernel<kSlice>, sim, weights, lengths,
-                                      k_per_image, B, N, k_max, mul, p.width, p.list_cap, out));
+                                      k_per_image, B, N, k_max, mul, sorted, p.width, p.list_cap,
+                                      out));
   return cudaGetLastError();
 }
 
@@ -463,7 +471,7 @@ cudaError_t launch_scope_greedy_cluster(const void* sim, int sim_dtype, const fl
                                         int64_t B, int64_t N, int64_t k_max, bool mul,
                                         void* workspace, int64_t workspace_bytes, int64_t* out,
                                         cudaStream_t stream, bool force_global_state,
-                                        int64_t max_list, int cluster_size) {
+                                        int64_t max_list, int cluster_size, bool sorted) {
   (void)workspace;  // the per-image state always fits in shared memory (N <= kMaxN)
   const bool size_ok = cluster_size == 0 || cluster_size == 2 || cluster_size == 4 ||
                        cluster_size == 8 || cluster_size == kMaxClusterSize;
@@ -485,9 +493,9 @@ cudaError_t launch_scope_greedy_cluster(const void* sim, int sim_dtype, const fl
   VTPRUNE_CUDA_TRY(plan_on_device(device, N, cluster_size, force_global_state, &optin, &plan));
   const float* s = static_cast<const float*>(sim);
   return plan.slice ? launch_typed<true>(plan, s, weights, lengths, k_per_image, B, N, k_max, mul,
-                                         out, stream, device, optin)
+                                         sorted, out, stream, device, optin)
                     : launch_typed<false>(plan, s, weights, lengths, k_per_image, B, N, k_max,
-                                          mul, out, stream, device, optin);
+                                          mul, sorted, out, stream, device, optin);
 }
 
 }  // namespace vtprune

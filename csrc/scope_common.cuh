@@ -225,6 +225,24 @@ __device__ __forceinline__ int block_exclusive_count(bool flag, const BlockScrat
   return sh.scan_offset[warp] + __popc(ballot & ((1u << lane) - 1u));
 }
 
+// The selected columns v < ncols (flags[v] set) in ascending order, as image indices c0 + v,
+// written to out[base], out[base + 1], ...: the sorted output without a sort (the flags already
+// hold the selection). Entered by the whole block after a barrier that published the flags; two
+// barriers per chunk of kThreads columns, and one at the end.
+template <class Tile>
+__device__ void write_selected_ascending(const unsigned char* flags, int ncols, int c0, int base,
+                                         int64_t* __restrict__ out, const BlockScratch& sh) {
+  for (int v0 = 0; v0 < ncols; v0 += Tile::kThreads) {
+    const int v = v0 + static_cast<int>(threadIdx.x);
+    const bool selected = v < ncols && flags[v] != 0;
+    int total = 0;
+    const int pos = base + block_exclusive_count<Tile>(selected, sh, total);
+    if (selected) out[pos] = c0 + v;
+    base += total;
+  }
+  __syncthreads();  // the flags may be rewritten (next image) by other threads only after this
+}
+
 // The block's best score max(gain, 0) * w (or + w), its lowest index and the lowest unselected
 // index, over the unselected columns [0, ncols) whose image index is c0 + v (SPEC §1's tie rule;
 // a NaN score never wins). Afterwards thread 0 holds the block's triple. One barrier.

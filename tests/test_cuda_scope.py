@@ -467,6 +467,9 @@ def test_cluster_kernel_matches_reference_and_single_cta(cuda_rt, batch, n, d, k
     got, single = _cluster_vs_single(tokens, saliency, k, combine, lens, size)
     assert got.dtype == torch.int64 and got.shape == (batch, k) and got.device == tokens.device
     assert torch.equal(got, single)  # same arithmetic in the same order (see above)
+    # sorted: every CTA writes its own slice's picks, after the picks left of it
+    ascending = _cuda.scope_select(tokens, saliency, k, 1.0, combine, lens, True, cluster_size=size)
+    assert torch.equal(ascending, single.sort(dim=1).values)
     want = vtprune.fused_scope_select(tokens, saliency, k, 1.0, combine=combine, lengths=lens, sorted=False, backend=_oracle(cuda_rt))
     _check_batch(tokens, saliency, got.cpu(), want.cpu(), 1.0, combine, lengths, f"cluster C={size} N={n} k={k} {combine}")
 
@@ -552,8 +555,10 @@ def test_cluster_per_image_k_and_clamped_lengths(cuda_rt):
     for size, combine in ((4, "mul"), (2, "add")):
         got = _cuda.scope_picks(tokens, saliency, ks, 40, 1.0, combine, lens, cluster_size=size)
         want = _cuda.scope_picks(tokens, saliency, ks, 40, 1.0, combine, lens)
+        ascending = _cuda.scope_picks(tokens, saliency, ks, 40, 1.0, combine, lens, sorted=True, cluster_size=size)
         for b, kb in enumerate([17, 0, 1, 40, 0]):
             assert torch.equal(got[b, :kb], want[b, :kb]), (size, b)
+            assert torch.equal(ascending[b, :kb], want[b, :kb].sort().values), (size, b)
         assert got[2, 0].item() == 0  # a length-1 image has one token to pick
         nb = min(int(lens[3]), 61)
         row = got[3, :40].tolist()
@@ -569,9 +574,10 @@ def test_cluster_varlen_matches_single_cta(cuda_rt):
     saliency = torch.rand(sum(seqlens), generator=g).to(dev)
     cu = torch.tensor([0] + list(np.cumsum(seqlens)), dtype=torch.int32, device=dev)
     ks = torch.tensor([10, 7, 30, 1, 4], device=dev)
-    got = _cuda.scope_select_varlen(tokens, saliency, cu, ks, 1.0, "mul", False, cluster_size=2)
-    want = _cuda.scope_select_varlen(tokens, saliency, cu, ks, 1.0, "mul", False)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for sorted_ in (False, True):
+        got = _cuda.scope_select_varlen(tokens, saliency, cu, ks, 1.0, "mul", sorted_, cluster_size=2)
+        want = _cuda.scope_select_varlen(tokens, saliency, cu, ks, 1.0, "mul", sorted_)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), sorted_
 
 
 @pytest.mark.parametrize(

@@ -40,20 +40,20 @@ SYNC_OR_COPY = {
 }
 
 #: Top-level torch ops of one fused_scope_select(x [1, N, D] fp32, s, k) call, kernels stubbed.
-#: cuda (10): the similarity of fp32 tokens in torch (vtprune.similarity.scope_similarity: to,
+#: cuda (9): the similarity of fp32 tokens in torch (vtprune.similarity.scope_similarity: to,
 #:   linalg_vector_norm, clamp_min, div, transpose, bmm = 6), the saliency weights (clamp_min),
-#:   the output and the workspace (2 empty), the final sort.
-#: triton (13): the same 6 + 1 + output empty + sort, and the scratch rows: one zeros, one unbind
-#:   and two dtype views.
+#:   the output and the workspace (2 empty); the kernels write sorted output themselves, so no sort.
+#: triton (12): the same 6 + 1 + output empty, and the scratch rows: one zeros, one unbind and two
+#:   dtype views.
 #: ``lengths`` given on the host adds its value check (tolist: resolve_conj, resolve_neg), which a
 #: CUDA ``lengths`` skips (see test_value_checks_skip_device_tensors).
-SCOPE_OPS_BOUND = {"cuda": 10, "triton": 13}
+SCOPE_OPS_BOUND = {"cuda": 9, "triton": 12}
 #: scope_select_varlen(tokens [64, 16], s, cu int32 [3], 8, max_seqlen=32): the same similarity
-#: and picks (9 cuda, 12 triton) and sort, plus the packing around them (15): cu to int64, the
+#: and picks (9 cuda, 12 triton), plus the packing around them (15): cu to int64, the
 #: k fill, cu_k (arange), the starts (slice, unsqueeze), the lengths (diff, clamp to the bound),
 #: the padded gather (arange, add, clamp, two index), the packed indices (add, reshape) and cu_k
 #: back to int32.
-VARLEN_OPS_BOUND = {"cuda": 25, "triton": 28}
+VARLEN_OPS_BOUND = {"cuda": 24, "triton": 27}
 LENGTHS_CHECK_OPS = 2
 
 

@@ -193,6 +193,9 @@ def test_ties_across_tiles(blocks, device):
     got = triton_scope.scope_select(tokens, saliency, 15, 1.0, combine, lens, False, block_u=block_u, block_v=block_v)
     want = vtprune.fused_scope_select(tokens, saliency, 15, 1.0, combine=combine, lengths=lens, sorted=False, backend="reference")
     _check_against_reference(tokens, saliency, got.cpu(), want.cpu(), 1.0, combine, lens.tolist(), f"blocks={blocks}")
+    # sorted: the kernel compacts the selected flags tile by tile (no sort launch)
+    ascending = triton_scope.scope_select(tokens, saliency, 15, 1.0, combine, lens, True, block_u=block_u, block_v=block_v)
+    assert torch.equal(ascending, got.sort(dim=1).values)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -96,6 +96,7 @@ def _scope_greedy_kernel(
     N,
     K_MAX,
     MUL: tl.constexpr,
+    SORTED: tl.constexpr,
     BLOCK_U: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BIG: tl.constexpr,
@@ -168,7 +169,8 @@ def _scope_greedy_kernel(
         # Every thread must be done reading the flags before one of them marks t (with few
         # candidates per tile, warps hold replicated copies and reduce without syncing).
         tl.debug_barrier()
-        tl.store(out_b + i, t.to(tl.int64))
+        if not SORTED:
+            tl.store(out_b + i, t.to(tl.int64))
         tl.store(sel_b + t, 1)
         tl.debug_barrier()
 
@@ -219,6 +221,16 @@ def _scope_greedy_kernel(
             tl.store(cov_b + u, hi, mask=j_ok)
         tl.debug_barrier()  # gains, flags, coverage and the list are read by other threads next step
 
+    if SORTED:
+        # the picks ascending: the selected flags compacted in index order (no sort launch)
+        base = tl.full([], 0, tl.int32)
+        for v0 in range(0, length, BLOCK_V):
+            offs_v = v0 + ar_v
+            taken = tl.load(sel_b + offs_v, mask=offs_v < length, other=0).to(tl.int32)
+            pos = base + tl.cumsum(taken, axis=0) - taken
+            tl.store(out_b + pos, offs_v.to(tl.int64), mask=taken != 0)
+            base += tl.sum(taken, axis=0)
+
 
 def _is_interpreted() -> bool:
     return interpreted(_scope_greedy_kernel)
@@ -241,11 +253,13 @@ def scope_picks(
     combine: str,
     lengths: Tensor | None = None,
     *,
+    sorted: bool = False,
     block_u: int | None = None,
     block_v: int | None = None,
     similarity_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """SCOPE greedy picks in pick order: int64 ``[B, k_max]``.
+    """SCOPE greedy picks: int64 ``[B, k_max]``, in pick order, or ascending with ``sorted`` (the
+    kernel writes them so: no sort launch).
 
     Args:
         tokens: ``[B, N, D]`` float32/float16/bfloat16 on CUDA (CPU under the interpreter).
@@ -255,6 +269,7 @@ def scope_picks(
         k_max: columns of the result.
         alpha, combine: as in SPEC §1 (``combine`` is "mul" or "add").
         lengths: optional int ``[B]`` valid tokens per image (clamped to ``[1, N]``).
+        sorted: the first ``k_b`` entries of row ``b`` ascending instead of in pick order.
         block_u, block_v: tile sizes (powers of 2 >= 16), for tests; defaults suit the GPU.
         similarity_dtype: storage of S for every image, ``torch.float32`` or ``torch.float16``,
             for tests (fp16 on sizes the interpreter can run). ``None``: each image by its own
@@ -284,14 +299,14 @@ def scope_picks(
     for rows, width, storage in plan:
         if rows is None:
             x, sal = (tokens, saliency) if width == n else (tokens[:, :width], saliency[:, :width])
-            _launch(x, sal, k_per_image, lengths, out, alpha, combine, storage, block_u, block_v)
+            _launch(x, sal, k_per_image, lengths, out, alpha, combine, sorted, storage, block_u, block_v)
         else:
             # images of the other storage run separately, each group padded only to its own width
             r = rows.to(device)
             part = torch.empty(r.shape[0], k_max, dtype=torch.int64, device=device)
             _launch(
                 tokens[r, :width], saliency[r, :width], k_per_image[r], lengths[r], part,
-                alpha, combine, storage, block_u, block_v,
+                alpha, combine, sorted, storage, block_u, block_v,
             )
             out[r] = part
     return out
@@ -305,6 +320,7 @@ def _launch(
     out: Tensor,
     alpha: float,
     combine: str,
+    sorted: bool,
     storage: torch.dtype,
     block_u: int | None,
     block_v: int | None,
@@ -334,7 +350,7 @@ def _launch(
     bv = block_v or _pow2_block(n, _BLOCK_V)
     k_max = out.shape[1]
     args = (sim, w, lengths, k_per_image, gain, cover, selected, list_u, list_lo, list_hi, out, n, k_max)
-    meta = dict(MUL=combine == "mul", BLOCK_U=bu, BLOCK_V=bv, BIG=_BIG, num_warps=_NUM_WARPS)
+    meta = dict(MUL=combine == "mul", SORTED=bool(sorted), BLOCK_U=bu, BLOCK_V=bv, BIG=_BIG, num_warps=_NUM_WARPS)
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         # Triton launches on torch's current device/stream; make that the tensors' device (only
         # when it is not already: the switch costs the host microseconds per call).

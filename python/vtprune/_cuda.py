@@ -284,12 +284,14 @@ def scope_picks(
     combine: str,
     lengths: Tensor | None = None,
     *,
+    sorted: bool = False,
     similarity_dtype: torch.dtype | None = None,
     force_global_state: bool = False,
     max_list: int = 0,
     cluster_size: int | None = None,
 ) -> Tensor:
-    """SCOPE greedy picks (SPEC §1) in pick order on the CUDA kernel: int64 ``[B, k_max]``.
+    """SCOPE greedy picks (SPEC §1) on the CUDA kernel: int64 ``[B, k_max]``, in pick order, or
+    ascending with ``sorted`` (the kernel writes them so: no sort launch).
 
     The similarity S is stored in fp32 for an image of up to 4096 tokens and in fp16 above, decided
     by each image's own length. It is built by :func:`scope_similarity` (one launch) for 16-bit
@@ -305,6 +307,7 @@ def scope_picks(
         k_max: columns of the result.
         alpha, combine: as in SPEC §1 (``combine`` is "mul" or "add").
         lengths: optional int ``[B]`` valid tokens per image (clamped to ``[1, N]``).
+        sorted: the first ``k_b`` entries of row ``b`` ascending instead of in pick order.
         similarity_dtype: storage of S for every image (``torch.float32``/``torch.float16``), for
             tests; ``None`` decides per image as above.
         force_global_state, max_list: test knobs of the kernel (per-image state in the global
@@ -351,7 +354,7 @@ def scope_picks(
             f"cluster_size={cluster_size}: the cluster kernel takes fp32 similarity only, i.e. images of at most "
             f"{SCOPE_FP32_MAX_N} tokens; this batch has longer ones (fp16 S): use cluster_size=None"
         )
-    options = dict(force_global_state=bool(force_global_state), max_list=int(max_list))
+    options = dict(force_global_state=bool(force_global_state), max_list=int(max_list), sorted=bool(sorted))
     if cluster_size is not None:
         options["cluster_size"] = int(cluster_size)
     with _on_device(device):

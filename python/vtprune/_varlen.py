@@ -17,21 +17,30 @@ from ._dispatch import constant_index
 from ._validation import as_int64_on
 
 #: ``(x [B, max_len, D], sal [B, max_len], k_per_image int64 [B], k_max, lengths int64 [B] or None
-#: for all)`` -> picks int64 ``[B, k_max]`` in pick order (row ``b`` valid up to ``k_per_image[b]``).
-PaddedPicks = Callable[[Tensor, Tensor, Tensor, int, "Tensor | None"], Tensor]
+#: for all, sorted)`` -> picks int64 ``[B, k_max]``, row ``b`` valid up to ``k_per_image[b]``: in
+#: pick order, or ascending when ``sorted`` (the GPU kernels write them so, saving a sort launch).
+PaddedPicks = Callable[[Tensor, Tensor, Tensor, int, "Tensor | None", bool], Tensor]
 
 #: A GPU backend's ``scope_picks(tokens, saliency, k_per_image, k_max, alpha, combine, lengths,
-#: **options)``.
+#: sorted=..., **options)``.
 ScopePicks = Callable[..., Tensor]
 
 
 def bind_scope_picks(scope_picks: ScopePicks, alpha: float, combine: str, options: dict) -> PaddedPicks:
     """``scope_picks`` with ``alpha``, ``combine`` and the backend's test knobs fixed."""
 
-    def padded_picks(x: Tensor, sal: Tensor, ks: Tensor, k_max: int, lengths: Tensor | None) -> Tensor:
-        return scope_picks(x, sal, ks, k_max, alpha, combine, lengths, **options)
+    def padded_picks(x: Tensor, sal: Tensor, ks: Tensor, k_max: int, lengths: Tensor | None, sorted: bool) -> Tensor:
+        return scope_picks(x, sal, ks, k_max, alpha, combine, lengths, sorted=sorted, **options)
 
     return padded_picks
+
+
+def sort_prefixes(picks: Tensor, ks: Tensor, width: int) -> Tensor:
+    """Row ``b`` of ``picks [B, k_max]`` ascending in its first ``ks[b]`` entries (indices below
+    ``width``); for a PaddedPicks whose kernel cannot sort."""
+    keep = torch.arange(picks.shape[1], device=picks.device)[None, :] < ks[:, None]
+    # the unused tail of a row (past its k_b) sorts after every kept pick
+    return torch.where(keep, picks, torch.full_like(picks, width)).sort(dim=1).values
 
 
 def select_batched(
@@ -41,8 +50,7 @@ def select_batched(
     k = int(k)
     # a cached constant: a fresh fill would cost the host a launch on every call
     ks = constant_index(tokens.shape[0], k, tokens.device)
-    picks = padded_picks(tokens, saliency, ks, k, lengths)
-    return picks.sort(dim=1).values if sorted else picks
+    return padded_picks(tokens, saliency, ks, k, lengths, sorted)
 
 
 def select_packed(
@@ -99,16 +107,10 @@ def select_packed(
     if max_len <= 0 or k_max <= 0 or total <= 0:
         return torch.empty(0, dtype=torch.int64, device=device), cu_k
     src = (starts + torch.arange(max_len, device=device)).clamp(0, tokens.shape[0] - 1)
-    picks = padded_picks(tokens[src], saliency[src], ks, k_max, lengths)
+    picks = padded_picks(tokens[src], saliency[src], ks, k_max, lengths, sorted)
     if k_uniform is not None:
-        # every row is exactly k long: no tail to mask, and row b packs at b * k
-        if sorted:
-            picks = picks.sort(dim=1).values
+        # every row is exactly k long: row b packs at b * k
         return (picks + starts).reshape(-1), cu_k
-    if sorted:
-        keep = torch.arange(k_max, device=device)[None, :] < ks[:, None]
-        # the unused tail of a row (past its k_b) sorts after every kept pick
-        picks = torch.where(keep, picks, torch.full_like(picks, max_len)).sort(dim=1).values
     # Sequence b's first k_b picks, packed, gathered without a boolean mask (no further sync).
     j = torch.arange(total, device=device)
     seq = torch.searchsorted(cu_k[1:], j, right=True)

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._varlen import select_packed
+from .._varlen import select_packed, sort_prefixes
 from ..similarity import compute_dtype, normalize_rows, saliency_weights, scope_similarity, scope_storage_groups
 
 _NEG_INF = float("-inf")
@@ -537,7 +537,8 @@ def scope_select_varlen(
     [B+1])``, int64.
     """
 
-    def padded_picks(x: Tensor, sal: Tensor, ks: Tensor, k_max: int, lengths: Tensor) -> Tensor:
-        return scope_picks(x, sal, k_max, alpha, combine, lengths.clamp_min(1))
+    def padded_picks(x: Tensor, sal: Tensor, ks: Tensor, k_max: int, lengths: Tensor, sorted: bool) -> Tensor:
+        picks = scope_picks(x, sal, k_max, alpha, combine, lengths.clamp_min(1))
+        return sort_prefixes(picks, ks, x.shape[1]) if sorted else picks
 
     return select_packed(tokens, saliency, cu_seqlens, k_per_seq, sorted, padded_picks, max_seqlen, k_uniform)
