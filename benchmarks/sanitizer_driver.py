@@ -59,6 +59,11 @@ def run_cuda_scope_paths() -> int:
         base = _cuda.scope_select(x, s, k, 1.0, "mul", lengths, False)
         ascending = base.sort(dim=1).values  # what the kernels' own sorted output must be
         checks.append((f"scope sorted N={n}", torch.equal(_cuda.scope_select(x, s, k, 1.0, "mul", lengths, True), ascending)))
+        # the weights read in the kernel: 16-bit saliency rows with a stride other than N; unit weights
+        wide = torch.cat([s, s[:, :5]], dim=1).to(torch.bfloat16)
+        for alpha in (1.0, 0.0):
+            got = _cuda.scope_select(x, wide[:, :n], k, alpha, "add", lengths, False)
+            checks.append((f"scope bf16-saliency alpha={alpha} N={n}", _valid_selection(got, k, limits)))
         for name, opts in (
             ("global-state", dict(force_global_state=True)),
             ("fp16-S", dict(similarity_dtype=torch.float16)),

@@ -27,6 +27,17 @@ cudaError_t launch_coverage_max_sim(const void* tokens, int dtype, int64_t B, in
 
 // ---- SCOPE greedy selection (csrc/scope.cu)
 
+// The weights w(v) of SPEC §1 as the greedy kernels read them: w = max(s, 0) of `data` (NaN kept),
+// row b at element b * stride_b, dtype code 0/1/2 (fp32/fp16/bf16) — the saliency itself for
+// alpha = 1, so the caller launches nothing for it; or 1 for every token when `unit` (alpha = 0,
+// 0 ** 0 = 1; data unused). Any other alpha: the caller passes max(s, 0) ** alpha in fp32.
+struct ScopeWeights {
+  const void* data;
+  int dtype;
+  int64_t stride_b;
+  bool unit;
+};
+
 // Largest N the SCOPE launcher accepts: keeps every in-image index far from int32 overflow (S
 // itself would need 512 TiB in fp16 at this size).
 constexpr int64_t kScopeMaxN = int64_t{1} << 24;
@@ -40,7 +51,7 @@ int64_t scope_workspace_bytes(int64_t B, int64_t N);
 // out[b, i] for i >= k_b is left untouched. One CTA per image runs every step.
 //
 // sim: [B, N, N] contiguous similarity, dtype code 0 (float32) or 1 (float16); only rows and
-// columns < len_b are read. weights: float32 [B, N], the saliency weights w(v). lengths,
+// columns < len_b are read. weights: w(v) (ScopeWeights; columns < len_b of each row). lengths,
 // k_per_image: int64 [B]. mul: combine "mul" (true) or "add". workspace: device memory of at least
 // scope_workspace_bytes(B, N) bytes, contents ignored (scratch for the per-image state when it
 // does not fit in shared memory). out: int64 [B, k_max]. All pointers are device pointers on one
@@ -48,7 +59,7 @@ int64_t scope_workspace_bytes(int64_t B, int64_t N);
 // force_global_state and max_list (> 0: cap the changed-row list, rounded down to whole chunks of
 // 1024 rows) exist for tests; they change where the state lives and how often the list is
 // applied, not the contract.
-cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const float* weights,
+cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const ScopeWeights& weights,
                                 const int64_t* lengths, const int64_t* k_per_image, int64_t B,
                                 int64_t N, int64_t k_max, bool mul, void* workspace,
                                 int64_t workspace_bytes, int64_t* out, cudaStream_t stream,
@@ -80,7 +91,7 @@ int64_t scope_cluster_max_n();
 // cluster_size is 2, 4, 8 or 16 CTAs per image, or 0 to choose (the smallest size whose slices
 // fit in shared memory, else the largest size that can run). Returns cudaErrorNotSupported on a
 // device below compute capability 9.0, cudaErrorInvalidConfiguration when no plan fits.
-cudaError_t launch_scope_greedy_cluster(const void* sim, int sim_dtype, const float* weights,
+cudaError_t launch_scope_greedy_cluster(const void* sim, int sim_dtype, const ScopeWeights& weights,
                                         const int64_t* lengths, const int64_t* k_per_image,
                                         int64_t B, int64_t N, int64_t k_max, bool mul,
                                         void* workspace, int64_t workspace_bytes, int64_t* out,

@@ -91,6 +91,13 @@ void require_ptr(const char* name, std::uintptr_t ptr) {
 }
 
 // Tokens [B, N, D] with element strides (stride_b, stride_n, 1), as the token kernels take them.
+void check_dtype_code(const char* name, int dtype) {
+  if (!vtprune::is_valid_dtype(dtype)) {
+    throw py::value_error(std::string(name) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
+                          std::to_string(dtype));
+  }
+}
+
 void check_token_layout(int64_t D, int64_t stride_b, int64_t stride_n) {
   check_nonnegative("D", D);
   check_nonnegative("stride_b", stride_b);
@@ -100,10 +107,7 @@ void check_token_layout(int64_t D, int64_t stride_b, int64_t stride_n) {
 void coverage_max_sim(std::uintptr_t tokens_ptr, int dtype, int64_t B, int64_t N, int64_t D,
                       int64_t stride_b, int64_t stride_n, std::uintptr_t indices_ptr, int64_t K,
                       std::uintptr_t lengths_ptr, std::uintptr_t out_ptr, std::uintptr_t stream) {
-  if (!vtprune::is_valid_dtype(dtype)) {
-    throw py::value_error("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                          std::to_string(dtype));
-  }
+  check_dtype_code("dtype", dtype);
   check_nonnegative("B", B);
   check_nonnegative("N", N);
   check_nonnegative("D", D);
@@ -137,14 +141,26 @@ void check_sim_dtype(const char* name, int dtype) {
 }
 
 // The arrays both greedy launchers (single CTA and cluster) read or write when there is a pick.
-void require_greedy_ptrs(std::uintptr_t sim_ptr, std::uintptr_t weights_ptr,
+void require_greedy_ptrs(std::uintptr_t sim_ptr, std::uintptr_t weights_ptr, bool unit_weights,
                          std::uintptr_t lengths_ptr, std::uintptr_t k_per_image_ptr,
                          std::uintptr_t out_ptr) {
   require_ptr("sim_ptr", sim_ptr);
-  require_ptr("weights_ptr", weights_ptr);
+  if (!unit_weights) require_ptr("weights_ptr", weights_ptr);  // unit weights read nothing
   require_ptr("lengths_ptr", lengths_ptr);
   require_ptr("k_per_image_ptr", k_per_image_ptr);
   require_ptr("out_ptr", out_ptr);
+}
+
+// The greedy launchers' weights argument from the binding's (ptr, dtype, stride, unit); stride -1
+// means N (contiguous rows).
+vtprune::ScopeWeights scope_weights(std::uintptr_t weights_ptr, int weights_dtype,
+                                    int64_t weights_stride, bool unit_weights, int64_t N) {
+  check_dtype_code("weights_dtype", weights_dtype);
+  if (weights_stride < -1) {
+    throw py::value_error("weights_stride must be >= 0 (or -1 for N), got " + std::to_string(weights_stride));
+  }
+  return vtprune::ScopeWeights{as_ptr<const void>(weights_ptr), weights_dtype,
+                               weights_stride == -1 ? N : weights_stride, unit_weights};
 }
 
 void check_scope_sizes(int64_t B, int64_t N) {
@@ -169,19 +185,22 @@ void scope_greedy(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t weights_
                   std::uintptr_t lengths_ptr, std::uintptr_t k_per_image_ptr, int64_t B, int64_t N,
                   int64_t k_max, bool mul, std::uintptr_t workspace_ptr, int64_t workspace_bytes,
                   std::uintptr_t out_ptr, std::uintptr_t stream, bool force_global_state,
-                  int64_t max_list, bool sorted) {
+                  int64_t max_list, bool sorted, int weights_dtype, int64_t weights_stride,
+                  bool unit_weights) {
   check_sim_dtype("sim_dtype", sim_dtype);
+  const vtprune::ScopeWeights weights =
+      scope_weights(weights_ptr, weights_dtype, weights_stride, unit_weights, N);
   check_scope_sizes(B, N);
   check_nonnegative("k_max", k_max);
   check_nonnegative("workspace_bytes", workspace_bytes);
   check_nonnegative("max_list", max_list);
   if (B > 0 && N > 0 && k_max > 0) {
-    require_greedy_ptrs(sim_ptr, weights_ptr, lengths_ptr, k_per_image_ptr, out_ptr);
+    require_greedy_ptrs(sim_ptr, weights_ptr, unit_weights, lengths_ptr, k_per_image_ptr, out_ptr);
     check_workspace(workspace_ptr, workspace_bytes, vtprune::scope_workspace_bytes(B, N),
                     "scope_workspace_bytes(B, N)");
   }
   const cudaError_t err = vtprune::launch_scope_greedy(
-      as_ptr<const void>(sim_ptr), sim_dtype, as_ptr<const float>(weights_ptr),
+      as_ptr<const void>(sim_ptr), sim_dtype, weights,
       as_ptr<const int64_t>(lengths_ptr), as_ptr<const int64_t>(k_per_image_ptr), B, N, k_max, mul,
       as_ptr<void>(workspace_ptr), workspace_bytes, as_ptr<int64_t>(out_ptr),
       reinterpret_cast<cudaStream_t>(stream), force_global_state, max_list, sorted);
@@ -213,7 +232,8 @@ void scope_greedy_cluster(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t 
                           int64_t N, int64_t k_max, bool mul, std::uintptr_t workspace_ptr,
                           int64_t workspace_bytes, std::uintptr_t out_ptr, std::uintptr_t stream,
                           bool force_global_state, int64_t max_list, int cluster_size,
-                          bool sorted) {
+                          bool sorted, int weights_dtype, int64_t weights_stride,
+                          bool unit_weights) {
   if (sim_dtype != static_cast<int>(vtprune::DType::Float32)) {
     throw py::value_error("sim_dtype must be 0 (float32) for the cluster kernel, got " +
                           std::to_string(sim_dtype));
@@ -230,11 +250,13 @@ void scope_greedy_cluster(std::uintptr_t sim_ptr, int sim_dtype, std::uintptr_t 
                           std::to_string(max_list));
   }
   check_cluster_size(cluster_size);
+  const vtprune::ScopeWeights weights =
+      scope_weights(weights_ptr, weights_dtype, weights_stride, unit_weights, N);
   if (B > 0 && N > 0 && k_max > 0) {
-    require_greedy_ptrs(sim_ptr, weights_ptr, lengths_ptr, k_per_image_ptr, out_ptr);
+    require_greedy_ptrs(sim_ptr, weights_ptr, unit_weights, lengths_ptr, k_per_image_ptr, out_ptr);
   }
   const cudaError_t err = vtprune::launch_scope_greedy_cluster(
-      as_ptr<const void>(sim_ptr), sim_dtype, as_ptr<const float>(weights_ptr),
+      as_ptr<const void>(sim_ptr), sim_dtype, weights,
       as_ptr<const int64_t>(lengths_ptr), as_ptr<const int64_t>(k_per_image_ptr), B, N, k_max, mul,
       as_ptr<void>(workspace_ptr), workspace_bytes, as_ptr<int64_t>(out_ptr),
       reinterpret_cast<cudaStream_t>(stream), force_global_state, max_list, cluster_size, sorted);
@@ -302,10 +324,7 @@ void holov_select(std::uintptr_t tokens_ptr, int dtype, int64_t B, int64_t N, in
                   std::uintptr_t lengths_ptr, int64_t k, int64_t num_crops, double alpha,
                   bool rank_by_score, bool sorted, std::uintptr_t workspace_ptr,
                   int64_t workspace_bytes, std::uintptr_t out_ptr, std::uintptr_t stream) {
-  if (!vtprune::is_valid_dtype(dtype)) {
-    throw py::value_error("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
-                          std::to_string(dtype));
-  }
+  check_dtype_code("dtype", dtype);
   check_holov_sizes(B, N, k, num_crops);
   check_token_layout(D, stride_b, stride_n);
   if (!std::isfinite(alpha)) {
@@ -448,11 +467,16 @@ PYBIND11_MODULE(_C, m) {
         py::arg("N"), py::arg("k_max"), py::arg("mul"), py::arg("workspace_ptr"),
         py::arg("workspace_bytes"), py::arg("out_ptr"), py::arg("stream"),
         py::arg("force_global_state") = false, py::arg("max_list") = 0, py::arg("sorted") = false,
+        py::arg("weights_dtype") = 0, py::arg("weights_stride") = -1, py::arg("unit_weights") = false,
         "SCOPE greedy picks (SPEC §1) in pick order (ascending with sorted=True) into out int64 "
-        "[B, k_max] (entries past image b's k are left untouched). sim: [B, N, N] similarity, dtype 0 (float32) or 1 "
-        "(float16); weights float32 [B, N]; lengths and k_per_image int64 [B] (clamped to [1, N] "
+        "[B, k_max] (entries past image b's k are left untouched). sim: [B, N, N] similarity, "
+        "dtype 0 (float32) or 1 (float16); weights [B, N] (row stride weights_stride, -1 = N) of "
+        "dtype weights_dtype (0/1/2 = fp32/fp16/bf16), read as max(w, 0): the saliency itself for "
+        "alpha = 1, its fp32 power otherwise; unit_weights: every weight is 1 (alpha = 0) and "
+        "weights_ptr may be 0; lengths and k_per_image int64 [B] (clamped to [1, N] "
         "and [0, min(length, k_max)]); mul: combine 'mul' (True) or 'add'; workspace: at least "
-        "scope_workspace_bytes(B, N) bytes. All contiguous device memory on one device; launches "
+        "scope_workspace_bytes(B, N) bytes. All device memory on one device, contiguous except "
+        "the weights' rows; launches "
         "on `stream`. force_global_state / max_list are test knobs (state in the workspace even "
         "when shared memory suffices; a smaller changed-row list). Raises RuntimeError if the "
         "launch fails.");
@@ -464,7 +488,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("N"), py::arg("k_max"), py::arg("mul"), py::arg("workspace_ptr"),
         py::arg("workspace_bytes"), py::arg("out_ptr"), py::arg("stream"),
         py::arg("force_global_state") = false, py::arg("max_list") = 0, py::arg("cluster_size") = 0,
-        py::arg("sorted") = false,
+        py::arg("sorted") = false, py::arg("weights_dtype") = 0, py::arg("weights_stride") = -1,
+        py::arg("unit_weights") = false,
         "scope_greedy's picks (bit for bit) on a thread-block cluster per image (compute "
         "capability >= 9.0): each CTA owns a slice of S's columns, kept in shared memory when it "
         "fits. sim: float32 [B, N, N] (sim_dtype 0), N <= scope_cluster_max_n(); the workspace "

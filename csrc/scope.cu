@@ -2,7 +2,8 @@
 // persistent launch. Same contract and arithmetic as the Triton kernel (triton_kernels/scope.py).
 //
 // Input is the precomputed similarity S [B, N, N] (fp32 for N <= 4096, fp16 above, see
-// vtprune.similarity.scope_similarity), the weights w = max(saliency, 0) ** alpha (fp32 [B, N]),
+// vtprune.similarity.scope_similarity), the weights w = max(saliency, 0) ** alpha (ScopeWeights:
+// read from the saliency itself for alpha = 1 and 0, precomputed in fp32 otherwise),
 // lengths and per-image k. All math is fp32. One CTA of kThreads threads runs image b:
 //
 //   init     gain(v) = sum_u max(0, S[u, v]) over valid u (NaN stays NaN, as clamp_min(0))
@@ -127,7 +128,7 @@ struct GlobalRows {
 };
 
 // The step's pick (SPEC §1), the same value in every thread. Contains two barriers.
-__device__ int pick_next(const float* __restrict__ w_b, const State& st, int length, bool mul,
+__device__ int pick_next(const WeightRow& w_b, const State& st, int length, bool mul,
                          const Scratch& sh) {
   float best;
   int best_idx;
@@ -162,7 +163,7 @@ __device__ void cover_and_update(const T* __restrict__ s_b, int64_t n, int lengt
 
 template <typename T, bool kStateInSmem>
 __global__ void __launch_bounds__(kThreads, 1)
-scope_greedy_kernel(const T* __restrict__ sim, const float* __restrict__ weights,
+scope_greedy_kernel(const T* __restrict__ sim, const ScopeWeights weights,
                     const int64_t* __restrict__ lengths, const int64_t* __restrict__ k_per_image,
                     int64_t B, int64_t n, int64_t k_max, bool mul, bool sorted, int list_cap,
                     unsigned char* __restrict__ workspace, int64_t* __restrict__ out) {
@@ -192,7 +193,7 @@ scope_greedy_kernel(const T* __restrict__ sim, const float* __restrict__ weights
       st.flags = workspace + int64_t{8} * B * n + b * n;
     }
     const T* s_b = sim + b * n * n;
-    const float* w_b = weights + b * n;
+    const WeightRow w_b = weight_row(weights, b);
     int64_t* out_b = out + b * k_max;
 
     // The previous image (if any) ended with a barrier, so its state is no longer read.
@@ -250,7 +251,7 @@ cudaError_t allow_optin_smem(int device, int optin) {
 }
 
 template <typename T, bool kStateInSmem>
-cudaError_t launch_typed(const void* sim, const float* weights, const int64_t* lengths,
+cudaError_t launch_typed(const void* sim, const ScopeWeights& weights, const int64_t* lengths,
                          const int64_t* k_per_image, int64_t B, int64_t N, int64_t k_max, bool mul,
                          bool sorted, int list_cap, int64_t smem_bytes, int device, int optin,
                          unsigned char* workspace, int64_t* out, cudaStream_t stream) {
@@ -292,7 +293,7 @@ int64_t scope_workspace_bytes(int64_t B, int64_t N) {
   return kWorkspaceBytesPerToken * B * N;
 }
 
-cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const float* weights,
+cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const ScopeWeights& weights,
                                 const int64_t* lengths, const int64_t* k_per_image, int64_t B,
                                 int64_t N, int64_t k_max, bool mul, void* workspace,
                                 int64_t workspace_bytes, int64_t* out, cudaStream_t stream,
@@ -304,7 +305,8 @@ cudaError_t launch_scope_greedy(const void* sim, int sim_dtype, const float* wei
   }
   if (B == 0 || N == 0 || k_max == 0) return cudaSuccess;  // nothing to write
   if (B > INT64_MAX / N / N) return cudaErrorInvalidValue;   // S offsets must fit in int64
-  if (sim == nullptr || weights == nullptr || lengths == nullptr || k_per_image == nullptr ||
+  if (!scope_weights_ok(weights)) return cudaErrorInvalidValue;
+  if (sim == nullptr || lengths == nullptr || k_per_image == nullptr ||
       out == nullptr || workspace == nullptr || workspace_bytes < scope_workspace_bytes(B, N)) {
     return cudaErrorInvalidValue;
   }

@@ -164,7 +164,7 @@ struct SliceRows {
 
 // This CTA's best (score, index) and lowest unselected index over its own columns, written by
 // thread 0 into pick buffer `buf`. One barrier; the caller's cluster barrier publishes it.
-__device__ void local_pick(const float* __restrict__ w_b, int c0, int ncols, bool mul, int buf,
+__device__ void local_pick(const WeightRow& w_b, int c0, int ncols, bool mul, int buf,
                            const Smem& sh) {
   float best;
   int best_idx;
@@ -216,7 +216,7 @@ __device__ int cluster_pick(const cg::cluster_group& cluster, int csize, int buf
 
 template <bool kSlice>
 __global__ void __launch_bounds__(kThreads, 1)
-scope_cluster_kernel(const float* __restrict__ sim, const float* __restrict__ weights,
+scope_cluster_kernel(const float* __restrict__ sim, const ScopeWeights weights,
                      const int64_t* __restrict__ lengths, const int64_t* __restrict__ k_per_image,
                      int64_t B, int64_t n, int64_t k_max, bool mul, bool sorted, int width,
                      int list_cap, int64_t* __restrict__ out) {
@@ -248,7 +248,7 @@ scope_cluster_kernel(const float* __restrict__ sim, const float* __restrict__ we
     if (kb == 0) continue;
     const int ncols = max(0, min(width, length - c0));  // own valid columns, possibly none
     const float* s_b = sim + b * n * n;
-    const float* w_b = weights + b * n;
+    const WeightRow w_b = weight_row(weights, b);
     int64_t* out_b = out + b * k_max;
 
     // The previous image ended with a barrier, so its state is no longer read in this CTA (the
@@ -415,7 +415,7 @@ bool choose_plan(int64_t n, int requested, bool force_stream, int device, int op
 }
 
 template <bool kSlice>
-cudaError_t launch_typed(const Plan& p, const float* sim, const float* weights, const int64_t* lengths,
+cudaError_t launch_typed(const Plan& p, const float* sim, const ScopeWeights& weights, const int64_t* lengths,
                          const int64_t* k_per_image, int64_t B, int64_t N, int64_t k_max, bool mul,
                          bool sorted, int64_t* out, cudaStream_t stream, int device, int optin) {
   VTPRUNE_CUDA_TRY(prepare_kernel<kSlice>(device, optin));
@@ -466,7 +466,7 @@ cudaError_t scope_cluster_plan(int device, int64_t N, int cluster_size, bool for
   return cudaSuccess;
 }
 
-cudaError_t launch_scope_greedy_cluster(const void* sim, int sim_dtype, const float* weights,
+cudaError_t launch_scope_greedy_cluster(const void* sim, int sim_dtype, const ScopeWeights& weights,
                                         const int64_t* lengths, const int64_t* k_per_image,
                                         int64_t B, int64_t N, int64_t k_max, bool mul,
                                         void* workspace, int64_t workspace_bytes, int64_t* out,
@@ -480,7 +480,8 @@ cudaError_t launch_scope_greedy_cluster(const void* sim, int sim_dtype, const fl
     return cudaErrorInvalidValue;
   }
   if (B == 0 || N == 0 || k_max == 0) return cudaSuccess;  // nothing to write
-  if (sim == nullptr || weights == nullptr || lengths == nullptr || k_per_image == nullptr ||
+  if (!scope_weights_ok(weights)) return cudaErrorInvalidValue;
+  if (sim == nullptr || lengths == nullptr || k_per_image == nullptr ||
       out == nullptr) {
     return cudaErrorInvalidValue;
   }

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "common.cuh"
+#include "kernels.h"
 
 namespace vtprune {
 namespace scope_common {
@@ -103,6 +104,34 @@ __device__ __forceinline__ void carve_block_scratch(unsigned char* smem,
 
 // max(0, s) that keeps NaN (torch's clamp_min(0) does; fmaxf would drop it).
 __device__ __forceinline__ float relu_keep_nan(float s) { return s < 0.0f ? 0.0f : s; }
+
+// Whether the launchers can read `w` (ScopeWeights): unit, or data of a known dtype, stride >= 0.
+inline bool scope_weights_ok(const ScopeWeights& w) {
+  return w.unit || (w.data != nullptr && is_valid_dtype(w.dtype) && w.stride_b >= 0);
+}
+
+// Image b's weights w(v) (ScopeWeights): max(s, 0) of its saliency row in the stored dtype, or 1.
+struct WeightRow {
+  const void* row;
+  int dtype;
+  bool unit;
+  __device__ __forceinline__ float operator()(int v) const {
+    if (unit) return 1.0f;
+    float s;
+    switch (static_cast<DType>(dtype)) {
+      case DType::Float16: s = to_float(static_cast<const __half*>(row)[v]); break;
+      case DType::BFloat16: s = to_float(static_cast<const __nv_bfloat16*>(row)[v]); break;
+      default: s = static_cast<const float*>(row)[v]; break;
+    }
+    return relu_keep_nan(s);
+  }
+};
+
+__device__ __forceinline__ WeightRow weight_row(const ScopeWeights& w, int64_t b) {
+  if (w.unit) return WeightRow{nullptr, w.dtype, true};  // data may be null: no offset into it
+  const int64_t bytes = w.dtype == static_cast<int>(DType::Float32) ? 4 : 2;
+  return WeightRow{static_cast<const unsigned char*>(w.data) + b * w.stride_b * bytes, w.dtype, false};
+}
 
 // max(0, s - lo) - max(0, s - hi) as min(max(s - lo, 0), hi - lo): exactly 0 when s <= lo.
 // A NaN s contributes 0 (fmaxf), as in the Triton kernel.
@@ -247,7 +276,7 @@ __device__ void write_selected_ascending(const unsigned char* flags, int ncols, 
 // index, over the unselected columns [0, ncols) whose image index is c0 + v (SPEC §1's tie rule;
 // a NaN score never wins). Afterwards thread 0 holds the block's triple. One barrier.
 template <class Tile>
-__device__ __forceinline__ void block_best(const float* __restrict__ w_b, const float* gain,
+__device__ __forceinline__ void block_best(const WeightRow& w_b, const float* gain,
                                            const unsigned char* flags, int c0, int ncols, bool mul,
                                            const BlockScratch& sh, float& best, int& best_idx,
                                            int& first_free) {
@@ -266,7 +295,8 @@ __device__ __forceinline__ void block_best(const float* __restrict__ w_b, const 
     // The exact gain is >= 0; incremental drift must not push it below (a fully covered token
     // scores exactly 0 in the reference). NaN stays NaN and then never wins the '>'.
     g = g < 0.0f ? 0.0f : g;
-    const float score = mul ? g * w_b[c0 + v] : g + w_b[c0 + v];
+    const float w = w_b(c0 + v);
+    const float score = mul ? g * w : g + w;
     if (score > best) {
       best = score;
       best_idx = c0 + v;

@@ -302,3 +302,31 @@ def assert_similarity_rejects(scope_similarity, device) -> None:
         scope_similarity(torch.zeros(3, 8, dtype=torch.float16, device=device))
     with pytest.raises(ValueError, match="storage must be"):
         scope_similarity(torch.zeros(1, 3, 8, dtype=torch.float16, device=device), torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- SCOPE weights
+
+
+def assert_weights_read_in_kernel(select, device, dtype: torch.dtype) -> None:
+    """The GPU SCOPE kernels read w = max(s, 0) from the saliency itself (alpha = 1) and use 1 for
+    alpha = 0, instead of a precomputed fp32 copy (see vtprune._dispatch.kernel_weights). Their
+    picks must be those of the same call on the precomputed weights, bit for bit: the similarity
+    is the same, and max(s, 0) of a 16-bit value is exact in fp32. The saliency has negative and
+    NaN entries and a row stride other than N. ``select(tokens, saliency, k, alpha, combine)``
+    returns ``[B, k]`` picks in pick order."""
+    from vtprune.similarity import saliency_weights
+
+    g = torch.Generator().manual_seed(29)
+    n, k = 41, 12
+    tokens = torch.randn(3, n, 16, generator=g).to(device=device, dtype=dtype)
+    wide = (torch.rand(3, n + 7, generator=g) - 0.3).to(device=device, dtype=dtype)
+    wide[1, 5] = float("nan")
+    saliency = wide[:, :n]  # rows n + 7 apart
+    for alpha in (1.0, 0.0, 0.5):
+        w32 = saliency_weights(saliency, alpha).float()
+        for combine in ("mul", "add"):
+            got = select(tokens, saliency, k, alpha, combine)
+            want = select(tokens, w32, k, 1.0, combine)  # max(w32, 0) = w32: the precomputed path
+            assert torch.equal(got, want), (dtype, alpha, combine)
+    if dtype == torch.float32:  # a float64 saliency is rounded to float32 once (docs/semantics.md)
+        assert torch.equal(select(tokens, saliency.double(), k, 1.0, "mul"), select(tokens, saliency, k, 1.0, "mul"))

@@ -23,7 +23,7 @@ import torch
 import vtprune
 from vtprune import _cuda
 from vtprune.similarity import scope_similarity
-from conftest import SCOPE_SIZE_ERRORS, assert_same_greedy, np_cosine, np_weights, require_c_entry
+from conftest import SCOPE_SIZE_ERRORS, assert_same_greedy, assert_weights_read_in_kernel, np_cosine, np_weights, require_c_entry
 from cuda_emu.runtime import cuda_rt  # noqa: F401  (fixture)
 
 CUDA_OK, CUDA_REASON = _cuda.status()
@@ -472,6 +472,18 @@ def test_cluster_kernel_matches_reference_and_single_cta(cuda_rt, batch, n, d, k
     assert torch.equal(ascending, single.sort(dim=1).values)
     want = vtprune.fused_scope_select(tokens, saliency, k, 1.0, combine=combine, lengths=lens, sorted=False, backend=_oracle(cuda_rt))
     _check_batch(tokens, saliency, got.cpu(), want.cpu(), 1.0, combine, lengths, f"cluster C={size} N={n} k={k} {combine}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cluster_size", [None, 2], ids=["single-cta", "cluster-2"])
+def test_weights_read_from_the_saliency(cuda_rt, dtype, cluster_size):
+    if cluster_size is not None:
+        _needs_clusters(cuda_rt)
+
+    def select(tokens, saliency, k, alpha, combine):
+        return _cuda.scope_select(tokens, saliency, k, alpha, combine, None, False, cluster_size=cluster_size)
+
+    assert_weights_read_in_kernel(select, cuda_rt.device, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

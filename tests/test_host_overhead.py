@@ -40,20 +40,21 @@ SYNC_OR_COPY = {
 }
 
 #: Top-level torch ops of one fused_scope_select(x [1, N, D] fp32, s, k) call, kernels stubbed.
-#: cuda (9): the similarity of fp32 tokens in torch (vtprune.similarity.scope_similarity: to,
-#:   linalg_vector_norm, clamp_min, div, transpose, bmm = 6), the saliency weights (clamp_min),
-#:   the output and the workspace (2 empty); the kernels write sorted output themselves, so no sort.
-#: triton (12): the same 6 + 1 + output empty, and the scratch rows: one zeros, one unbind and two
+#: cuda (8): the similarity of fp32 tokens in torch (vtprune.similarity.scope_similarity: to,
+#:   linalg_vector_norm, clamp_min, div, transpose, bmm = 6), the output and the workspace (2
+#:   empty). The kernels read the weights from the saliency itself (alpha = 1) and write sorted
+#:   output themselves, so neither a weights op nor a sort.
+#: triton (11): the same 6 + output empty, and the scratch rows: one zeros, one unbind and two
 #:   dtype views.
 #: ``lengths`` given on the host adds its value check (tolist: resolve_conj, resolve_neg), which a
 #: CUDA ``lengths`` skips (see test_value_checks_skip_device_tensors).
-SCOPE_OPS_BOUND = {"cuda": 9, "triton": 12}
+SCOPE_OPS_BOUND = {"cuda": 8, "triton": 11}
 #: scope_select_varlen(tokens [64, 16], s, cu int32 [3], 8, max_seqlen=32): the same similarity
-#: and picks (9 cuda, 12 triton), plus the packing around them (15): cu to int64, the
+#: and picks (8 cuda, 11 triton), plus the packing around them (15): cu to int64, the
 #: k fill, cu_k (arange), the starts (slice, unsqueeze), the lengths (diff, clamp to the bound),
 #: the padded gather (arange, add, clamp, two index), the packed indices (add, reshape) and cu_k
 #: back to int32.
-VARLEN_OPS_BOUND = {"cuda": 24, "triton": 27}
+VARLEN_OPS_BOUND = {"cuda": 23, "triton": 26}
 LENGTHS_CHECK_OPS = 2
 
 
@@ -113,15 +114,16 @@ def test_op_count_sees_an_added_op(stubbed, monkeypatch):
     x, s = _scope_inputs()
     call = lambda: vtprune.fused_scope_select(x, s, 8, backend=stubbed)  # noqa: E731
     before = top_level_ops(call)
-    real = _dispatch.saliency_weights_f32
+    real = _dispatch.kernel_weights
 
     def one_op_more(saliency, alpha):
-        return real(saliency, alpha).clone()
+        w, unit = real(saliency, alpha)
+        return w.clone(), unit
 
-    monkeypatch.setattr(_cuda, "_weights_f32", one_op_more)
+    monkeypatch.setattr(_cuda, "_kernel_weights", one_op_more)
     import vtprune.triton_kernels.scope as tscope
 
-    monkeypatch.setattr(tscope, "saliency_weights_f32", one_op_more)
+    monkeypatch.setattr(tscope, "kernel_weights", one_op_more)
     after = top_level_ops(call)
     assert len(after) == len(before) + 1, (before, after)
     if len(before) == SCOPE_OPS_BOUND[stubbed]:
@@ -296,6 +298,24 @@ def test_errors_are_not_cached():
         with pytest.raises(RuntimeError, match="cuda"):
             _dispatch.resolve("scope_select", "cuda", torch.device("cpu"), torch.float32)
     assert not [key for key in _dispatch._RESOLVED if key[:3] == ("scope_select", "cuda", "cpu") and not key[4]]
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.0, 0.5])
+def test_kernel_weights_need_no_op_for_alpha_1_and_0(alpha):
+    """alpha = 1: the saliency itself (the kernels read max(s, 0)); alpha = 0: unit weights; any
+    other alpha: the fp32 weights, whose max(., 0) is themselves. A strided row stride is fine,
+    a strided last dim is not (the kernels read each row contiguously)."""
+    s = torch.rand(2, 9, dtype=torch.bfloat16) - 0.5
+    for sal in (s, torch.rand(2, 12, dtype=torch.bfloat16)[:, :9]):
+        names = top_level_ops(lambda: _dispatch.kernel_weights(sal, alpha))
+        w, unit = _dispatch.kernel_weights(sal, alpha)
+        assert unit == (alpha == 0.0)
+        if alpha in (0.0, 1.0):
+            assert w is sal and names == []
+        else:
+            assert torch.equal(w, _dispatch.saliency_weights_f32(sal, alpha)) and w.stride(-1) == 1
+    w, unit = _dispatch.kernel_weights(s.t().contiguous().t(), 1.0)
+    assert not unit and w.dtype == torch.float32 and w.stride(-1) == 1
 
 
 def test_constant_index():

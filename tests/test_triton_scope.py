@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import vtprune
-from conftest import kernel_devices, triton_kernel_module
+from conftest import assert_weights_read_in_kernel, kernel_devices, triton_kernel_module
 from vtprune._verify import check_scope_picks
 
 triton_scope = triton_kernel_module("scope")
@@ -196,6 +196,15 @@ def test_ties_across_tiles(blocks, device):
     # sorted: the kernel compacts the selected flags tile by tile (no sort launch)
     ascending = triton_scope.scope_select(tokens, saliency, 15, 1.0, combine, lens, True, block_u=block_u, block_v=block_v)
     assert torch.equal(ascending, got.sort(dim=1).values)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_weights_read_from_the_saliency(device, dtype):
+    def select(tokens, saliency, k, alpha, combine):
+        return triton_scope.scope_select(tokens, saliency, k, alpha, combine, None, False)
+
+    assert_weights_read_in_kernel(select, device, dtype)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -63,7 +63,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from vtprune._dispatch import constant_index, saliency_weights_f32
+from vtprune._dispatch import constant_index, kernel_weights
 from vtprune._validation import as_int64_on
 from vtprune._varlen import bind_scope_picks, select_batched, select_packed
 from vtprune.similarity import scope_similarity, scope_storage_groups
@@ -83,7 +83,7 @@ _BIG = 2**31 - 1  # "no index" sentinel, larger than any valid index
 @triton.jit
 def _scope_greedy_kernel(
     s_ptr,  # fp32 or fp16 [B, N, N]  similarity, row-major, contiguous (upcast on load)
-    w_ptr,  # fp32 [B, N]     saliency weights
+    w_ptr,  # fp32/fp16/bf16 [B, N] (row stride W_STRIDE): weights read as max(w, 0); unused if UNIT_W
     len_ptr,  # int64 [B]     valid tokens per image
     k_ptr,  # int64 [B]       picks per image
     gain_ptr,  # fp32 [B, N]  scratch: current gains
@@ -95,8 +95,10 @@ def _scope_greedy_kernel(
     out_ptr,  # int64 [B, K_MAX] picks in pick order (entries >= k_b left untouched)
     N,
     K_MAX,
+    W_STRIDE,
     MUL: tl.constexpr,
     SORTED: tl.constexpr,
+    UNIT_W: tl.constexpr,
     BLOCK_U: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BIG: tl.constexpr,
@@ -108,7 +110,7 @@ def _scope_greedy_kernel(
 
     s_b = s_ptr + b * N * N  # int64 offsets: B * N * N can exceed 2**31
     row = b * N
-    w_b = w_ptr + row
+    w_b = w_ptr + b * W_STRIDE
     gain_b = gain_ptr + row
     cov_b = cov_ptr + row
     sel_b = sel_ptr + row
@@ -146,7 +148,11 @@ def _scope_greedy_kernel(
             offs_v = v0 + ar_v
             v_ok = offs_v < length
             g = tl.load(gain_b + offs_v, mask=v_ok, other=0.0)
-            wv = tl.load(w_b + offs_v, mask=v_ok, other=0.0)
+            if UNIT_W:  # alpha = 0: w = 1 (0 ** 0 = 1)
+                wv = tl.full([BLOCK_V], 1.0, tl.float32)
+            else:  # max(w, 0), NaN kept: the saliency itself for alpha = 1
+                wv = tl.load(w_b + offs_v, mask=v_ok, other=0.0).to(tl.float32)
+                wv = tl.where(wv < 0.0, 0.0, wv)
             taken = tl.load(sel_b + offs_v, mask=v_ok, other=1)
             # The exact gain is >= 0; drift of the incremental sums must not go below 0
             # (a fully covered token scores exactly 0 in the reference). NaN stays NaN.
@@ -333,7 +339,7 @@ def _launch(
         sim = fused_similarity(tokens, storage)
     else:
         sim = scope_similarity(tokens, storage)
-    w = saliency_weights_f32(saliency, alpha)
+    w, unit_w = kernel_weights(saliency, alpha)
 
     # The six scratch rows in one zeroed allocation instead of six (each costs the host a call;
     # zeroing the rows that need no zeros costs the device one memset of 24 * B * N bytes). The
@@ -349,8 +355,8 @@ def _launch(
     bu = block_u or _pow2_block(n, _BLOCK_U)
     bv = block_v or _pow2_block(n, _BLOCK_V)
     k_max = out.shape[1]
-    args = (sim, w, lengths, k_per_image, gain, cover, selected, list_u, list_lo, list_hi, out, n, k_max)
-    meta = dict(MUL=combine == "mul", SORTED=bool(sorted), BLOCK_U=bu, BLOCK_V=bv, BIG=_BIG, num_warps=_NUM_WARPS)
+    args = (sim, w, lengths, k_per_image, gain, cover, selected, list_u, list_lo, list_hi, out, n, k_max, w.stride(0))
+    meta = dict(MUL=combine == "mul", SORTED=bool(sorted), UNIT_W=unit_w, BLOCK_U=bu, BLOCK_V=bv, BIG=_BIG, num_warps=_NUM_WARPS)
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         # Triton launches on torch's current device/stream; make that the tensors' device (only
         # when it is not already: the switch costs the host microseconds per call).

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-from ._dispatch import constant_index as _constant_index, saliency_weights_f32 as _weights_f32
+from ._dispatch import constant_index as _constant_index, kernel_weights as _kernel_weights
 from ._varlen import bind_scope_picks, select_batched, select_packed
 from . import similarity as _similarity
 from .similarity import SCOPE_FP32_MAX_N, scope_similarity_dtype, scope_storage_groups
@@ -423,7 +423,7 @@ def _launch_scope(
         sim = scope_similarity(tokens, storage)  # [B, N, N] contiguous
     else:
         sim = _similarity.scope_similarity(tokens, storage)
-    w = _weights_f32(saliency, alpha)
+    w, unit = _kernel_weights(saliency, alpha)
     # Allocated here with torch, not in the launcher, so the op can be captured in a CUDA graph.
     # The cluster kernel keeps all its state in shared memory and needs none.
     clustered = "cluster_size" in options
@@ -443,6 +443,9 @@ def _launch_scope(
         workspace.data_ptr() if workspace.numel() else 0,
         workspace.numel(),
         out.data_ptr(),
+        weights_dtype=DTYPE_CODES[w.dtype],
+        weights_stride=w.stride(0),
+        unit_weights=unit,
         **options,
     )
 

@@ -224,6 +224,24 @@ def constant_index(length: int, value: int, device: torch.device) -> torch.Tenso
     return out
 
 
+#: Saliency dtypes the GPU greedy kernels read directly.
+_KERNEL_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_weights(saliency: torch.Tensor, alpha: float) -> tuple[torch.Tensor, bool]:
+    """SCOPE's weights w(v) as the GPU greedy kernels take them: ``(w, unit)``. The kernels read
+    ``max(w, 0)`` (NaN kept) from ``w``'s rows (unit element stride, any row stride, fp32/fp16/
+    bf16), or use 1 for every token when ``unit``. So ``alpha = 1`` (the official default) passes
+    the saliency itself and ``alpha = 0`` (pure coverage) nothing: the host launches no kernel
+    for either. Any other ``alpha``, or a float64 saliency (rounded once, as before):
+    :func:`saliency_weights_f32`, whose ``max(., 0)`` is itself."""
+    if alpha == 0.0:
+        return saliency, True
+    if alpha == 1.0 and saliency.stride(-1) == 1 and saliency.dtype in _KERNEL_WEIGHT_DTYPES:
+        return saliency, False
+    return saliency_weights_f32(saliency, alpha), False
+
+
 def saliency_weights_f32(saliency: torch.Tensor, alpha: float) -> torch.Tensor:
     """:func:`vtprune.similarity.saliency_weights` as the kernels read it: float32, contiguous.
 
