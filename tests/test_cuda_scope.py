@@ -781,6 +781,10 @@ def test_binding_workspace_size():
         (dict(max_list=-1), "max_list must be >= 0"),
         (dict(sim_ptr=0), "sim_ptr is null"),
         (dict(weights_ptr=0), "weights_ptr is null"),
+        (dict(weights_ptr=0, weights_dtype=2), "weights_ptr is null"),
+        (dict(weights_dtype=3), r"weights_dtype must be 0 \(float32\), 1 \(float16\) or 2 \(bfloat16\), got 3"),
+        (dict(weights_dtype=-1, unit_weights=True), "weights_dtype must be 0"),
+        (dict(weights_stride=-2), r"weights_stride must be >= 0 \(or -1 for N\), got -2"),
         (dict(lengths_ptr=0), "lengths_ptr is null"),
         (dict(k_per_image_ptr=0), "k_per_image_ptr is null"),
         (dict(workspace_ptr=0), "workspace_ptr is null"),
@@ -803,6 +807,9 @@ def test_binding_empty_problems_and_foreign_pointers():
     # is the driver/device error; with one, the host address is refused before any launch.
     with pytest.raises(RuntimeError, match="CUDA"):
         c_module.scope_greedy(**_good_args(c_module))
+    # unit weights (alpha = 0) read no weights: a null weights_ptr passes the checks
+    with pytest.raises(RuntimeError, match="CUDA"):
+        c_module.scope_greedy(**{**_good_args(c_module), "weights_ptr": 0, "unit_weights": True})
 
 
 def _cluster_binding():
@@ -821,6 +828,9 @@ def _cluster_binding():
         (dict(cluster_size=32), "cluster_size must be 0"),
         (dict(sim_ptr=0), "sim_ptr is null"),
         (dict(out_ptr=0), "out_ptr is null"),
+        (dict(weights_ptr=0), "weights_ptr is null"),
+        (dict(weights_dtype=5), "weights_dtype must be 0"),
+        (dict(weights_stride=-7), "weights_stride must be >= 0"),
     ],
 )
 def test_cluster_binding_rejects_bad_arguments(override, message):
