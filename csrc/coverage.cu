@@ -72,8 +72,10 @@ coverage_max_sim_kernel(const T* __restrict__ tokens, int64_t B, int64_t N, int6
           dot = warp_sum(dot);
           sss = warp_sum(sss);
           const float sim = dot / (norm_u * fmaxf(sqrtf(sss), kNormEps));
-          // `>` rather than fmaxf: a NaN similarity (NaN/Inf input) is skipped, matching Triton.
-          if (sim > best) best = sim;
+          // A NaN similarity (NaN/Inf input) makes the result NaN, as torch's max does in the
+          // reference: a metric of bad input must not look like a plausible number. Once best is
+          // NaN, `sim > best` is false for every later sim, so it stays NaN.
+          if (sim > best || sim != sim) best = sim;
         }
         result = best;
       }

@@ -15,7 +15,9 @@
 //            and new coverage lo_u / hi_u, and c(u) = hi_u
 //     update gain(v) -= sum_{u listed} min(max(S[u, v] - lo_u, 0), hi_u - lo_u)
 //            = max(0, S - lo) - max(0, S - hi), written so that a covered entry adds exactly 0.
-//            A step costs |list| x N instead of the reference's N x N.
+//            A step costs |list| x N instead of the reference's N x N. An exact count of the
+//            still-positive terms of each gain (open, see column_pass) makes a fully covered
+//            token score exactly 0, as in the reference, whatever the rounding of the sums.
 //   out      the picks in pick order, or (sorted) ascending: the selected flags compacted in
 //            index order after the last step, so the op needs no separate sort launch.
 //
@@ -32,10 +34,10 @@
 // (only possible for N > kListMax), the rows are scanned in chunks of kThreads and the list is
 // applied and emptied whenever one more chunk could overflow it. For N <= kListMax = 4096 (every
 // fp32 S) there is exactly one update per step, the same arithmetic as an unbounded list.
-// The per-image state, gain and coverage (fp32) and selected flags (uint8), 9 N bytes, lives in
-// dynamic shared memory when it fits the device's opt-in limit with the list and the tile
-// buffers (N up to ~16K on H100, ~12K on A100), and otherwise in a global workspace
-// (scope_workspace_bytes(B, N) = 9 B N bytes, allocated by the caller, so the launch allocates
+// The per-image state, gain and coverage (fp32), open-term counts (int32) and selected flags
+// (uint8), 13 N bytes, lives in dynamic shared memory when it fits the device's opt-in limit with
+// the list and the tile buffers (N up to ~15K on H100, ~10K on A100), and otherwise in a global
+// workspace (scope_workspace_bytes(B, N) = 13 B N bytes, allocated by the caller, so the launch allocates
 // nothing and can be captured in a CUDA graph). The launcher never allocates: with fp16 S above
 // 4096 tokens the op needs 2 N^2 bytes per image for S plus O(N D) for the normalized tokens and
 // O(N) here.
@@ -81,6 +83,7 @@ struct SmemLayout : BlockScratchLayout {
   int64_t pick;   // int   [1]  the step's pick, broadcast
   int64_t gain;   // float [n]  (state_in_smem only)
   int64_t cov;    // float [n]  (state_in_smem only)
+  int64_t open;   // int   [n]  (state_in_smem only)
   int64_t flags;  // uint8 [n]  (state_in_smem only)
   int64_t bytes;  // total
 };
@@ -90,18 +93,20 @@ __host__ __device__ inline SmemLayout make_layout(int64_t list_cap, int64_t n, b
   SmemCursor at;
   take_block_scratch<Tile>(at, list_cap, l);
   l.pick = at.take(4);
-  l.gain = l.cov = l.flags = -1;
+  l.gain = l.cov = l.open = l.flags = -1;
   if (state_in_smem) {
     l.gain = at.take(n * 4);
     l.cov = at.take(n * 4);
+    l.open = at.take(n * 4);
     l.flags = at.take(n);
   }
   l.bytes = at.end;
   return l;
 }
 
-// Workspace layout (global state): gain [B, N] fp32, coverage [B, N] fp32, flags [B, N] uint8.
-constexpr int64_t kWorkspaceBytesPerToken = 4 + 4 + 1;
+// Workspace layout (global state): gain [B, N] fp32, coverage [B, N] fp32, open [B, N] int32,
+// flags [B, N] uint8.
+constexpr int64_t kWorkspaceBytesPerToken = 4 + 4 + 4 + 1;
 
 struct Scratch : BlockScratch {
   int* pick;
@@ -110,6 +115,7 @@ struct Scratch : BlockScratch {
 struct State {
   float* gain;
   float* cov;
+  int* open;
   unsigned char* flags;
 };
 
@@ -133,7 +139,7 @@ __device__ int pick_next(const WeightRow& w_b, const State& st, int length, bool
   float best;
   int best_idx;
   int first_free;
-  block_best<Tile>(w_b, st.gain, st.flags, 0, length, mul, sh, best, best_idx, first_free);
+  block_best<Tile>(w_b, st.gain, st.open, st.flags, 0, length, mul, sh, best, best_idx, first_free);
   if (threadIdx.x == 0) {
     int t = best > -INFINITY ? best_idx : first_free;
     // Unreachable guard: fewer than `length` picks so far, so an unselected index exists.
@@ -154,7 +160,7 @@ __device__ void cover_and_update(const T* __restrict__ s_b, int64_t n, int lengt
     // Apply the list at the end, or before the next chunk (up to kThreads rows) could overflow it.
     if (count > 0 && (last_chunk || count > list_cap - kThreads)) {
       __syncthreads();  // publish the list entries
-      column_pass<Tile, false>(length, count, GlobalRows<T>{s_b, n}, sh, st.gain);
+      column_pass<Tile, false>(length, count, GlobalRows<T>{s_b, n}, sh, st.gain, st.open);
       count = 0;
     }
   }
@@ -185,12 +191,14 @@ scope_greedy_kernel(const T* __restrict__ sim, const ScopeWeights weights,
     if (kStateInSmem) {
       st.gain = reinterpret_cast<float*>(smem + lay.gain);
       st.cov = reinterpret_cast<float*>(smem + lay.cov);
+      st.open = reinterpret_cast<int*>(smem + lay.open);
       st.flags = smem + lay.flags;
     } else {
       float* ws = reinterpret_cast<float*>(workspace);
       st.gain = ws + b * n;
       st.cov = ws + B * n + b * n;
-      st.flags = workspace + int64_t{8} * B * n + b * n;
+      st.open = reinterpret_cast<int*>(ws + 2 * B * n) + b * n;
+      st.flags = workspace + int64_t{12} * B * n + b * n;
     }
     const T* s_b = sim + b * n * n;
     const WeightRow w_b = weight_row(weights, b);
@@ -199,10 +207,11 @@ scope_greedy_kernel(const T* __restrict__ sim, const ScopeWeights weights,
     // The previous image (if any) ended with a barrier, so its state is no longer read.
     for (int v = tid; v < length; v += kThreads) {
       st.cov[v] = 0.0f;
+      st.open[v] = 0;
       st.flags[v] = 0;
     }
     // Ends with a barrier.
-    column_pass<Tile, true>(length, length, GlobalRows<T>{s_b, n}, sh, st.gain);
+    column_pass<Tile, true>(length, length, GlobalRows<T>{s_b, n}, sh, st.gain, st.open);
 
     for (int i = 0; i < kb; ++i) {
       const int t = pick_next(w_b, st, length, mul, sh);

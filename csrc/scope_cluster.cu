@@ -43,7 +43,7 @@
 //   list      (int, float, float) [list_cap], list_cap = N rounded up to kThreads (<= 48 KB)
 //   block reduction scratch, the pick triple [2] (double-buffered, read by the other CTAs)
 //   cov       float [N]     replicated coverage
-//   gain      float [W], flags uint8 [W]   own columns only
+//   gain      float [W], open int [W], flags uint8 [W]   own columns only
 //   slice     float [N][W]  own columns of S (only when it fits the opt-in limit)
 // fp32 S only: the cluster kernel takes N <= 4096 (SCOPE_FP32_MAX_N), so the list and the
 // replicated coverage always fit. The launcher allocates no device memory (CUDA-graph
@@ -101,7 +101,7 @@ static_assert(kMaxClusterSize <= kWarpSize, "one lane per CTA reduces the cluste
 // host (launch size) and the device (carving) agree.
 struct Layout : BlockScratchLayout {
   int64_t pick_val, pick_idx, pick_free;  // [2] each: this CTA's triple, read by the cluster
-  int64_t cov, gain, flags, slice;        // slice = -1 when S streams from global memory
+  int64_t cov, gain, open, flags, slice;  // slice = -1 when S streams from global memory
   int64_t bytes;
 };
 
@@ -114,6 +114,7 @@ __host__ __device__ inline Layout make_layout(int64_t n, int64_t width, int64_t 
   l.pick_free = at.take(2 * 4);
   l.cov = at.take(n * 4);
   l.gain = at.take(width * 4);
+  l.open = at.take(width * 4);
   l.flags = at.take(width);
   l.slice = slice ? at.take(n * width * 4) : -1;
   l.bytes = at.end;
@@ -126,6 +127,7 @@ struct Smem : BlockScratch {
   int* pick_free;
   float* cov;
   float* gain;
+  int* open;
   unsigned char* flags;
   float* slice;  // nullptr when streaming
 };
@@ -169,7 +171,7 @@ __device__ void local_pick(const WeightRow& w_b, int c0, int ncols, bool mul, in
   float best;
   int best_idx;
   int first_free;
-  block_best<Tile>(w_b, sh.gain, sh.flags, c0, ncols, mul, sh, best, best_idx, first_free);
+  block_best<Tile>(w_b, sh.gain, sh.open, sh.flags, c0, ncols, mul, sh, best, best_idx, first_free);
   if (threadIdx.x == 0) {
     sh.pick_val[buf] = best;
     sh.pick_idx[buf] = best_idx;
@@ -189,7 +191,7 @@ __device__ void cover_and_update(const float* __restrict__ s_b, int64_t n, int l
   if (count > 0) {
     __syncthreads();  // publish the list
     column_pass<Tile, false>(ncols, count, SliceRows<false>{s_b, n, c0, width, sh.slice}, sh,
-                             sh.gain);
+                             sh.gain, sh.open);
   }
   __syncthreads();  // coverage and gains of this step are visible to the next one
 }
@@ -230,6 +232,7 @@ scope_cluster_kernel(const float* __restrict__ sim, const ScopeWeights weights,
   sh.pick_free = reinterpret_cast<int*>(smem + lay.pick_free);
   sh.cov = reinterpret_cast<float*>(smem + lay.cov);
   sh.gain = reinterpret_cast<float*>(smem + lay.gain);
+  sh.open = reinterpret_cast<int*>(smem + lay.open);
   sh.flags = smem + lay.flags;
   sh.slice = kSlice ? reinterpret_cast<float*>(smem + lay.slice) : nullptr;
 
@@ -254,9 +257,12 @@ scope_cluster_kernel(const float* __restrict__ sim, const ScopeWeights weights,
     // The previous image ended with a barrier, so its state is no longer read in this CTA (the
     // other CTAs read only the pick buffers).
     for (int u = tid; u < length; u += kThreads) sh.cov[u] = 0.0f;
-    for (int v = tid; v < ncols; v += kThreads) sh.flags[v] = 0;
+    for (int v = tid; v < ncols; v += kThreads) {
+      sh.flags[v] = 0;
+      sh.open[v] = 0;
+    }
     column_pass<Tile, true>(ncols, length, SliceRows<true>{s_b, n, c0, width, sh.slice}, sh,
-                            sh.gain);  // ends with a barrier
+                            sh.gain, sh.open);  // ends with a barrier
 
     int below = 0;  // picks left of this CTA's columns (the same in every thread)
     for (int i = 0; i < kb; ++i) {

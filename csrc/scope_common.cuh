@@ -160,8 +160,16 @@ __device__ __forceinline__ void warp_reduce_best(float& best, int& best_idx, int
 }
 
 // Column sums over `rows` rows for the block's columns [0, ncols), one tile at a time:
-//   kInit:  gain[v]  = sum_{u < rows} relu_keep_nan(S[u, v])
-//   else:   gain[v] -= sum_{j < rows} coverage_drop(S[list_u[j], v], list_lo[j], width_j)
+//   kInit:  gain[v]  = sum_{u < rows} relu_keep_nan(S[u, v]),  open[v] += #{u : S[u, v] > 0}
+//   else:   gain[v] -= sum_{j < rows} coverage_drop(S[list_u[j], v], list_lo[j], width_j),
+//           open[v] -= #{j : lo_j < S[list_u[j], v] <= hi_j}
+// open[v] counts the terms max(0, S[u, v] - c(u)) of gain(v) that are still positive: a row's
+// term closes exactly when its coverage rises to S[u, v] or above. The float gain drifts from
+// the exact sum by rounding, but open[v] is exact, so a token whose gain is exactly 0 in the
+// reference (fully covered: duplicates of picked tokens) is known to be 0 here too, and ties
+// at 0 go to the lowest index as SPEC §1 says instead of to rounding residue. The counts are
+// added with shared/global atomics after the tile's barrier (integer sums: order-free), so
+// open[v] must be zeroed, by any thread, before the pass that starts it (kInit).
 // row_of(u) returns row u of S restricted to the block's columns, as a callable v -> float; the
 // kernels differ only in where that row lives (global memory, or a slice in shared memory).
 // Row group g adds rows j = g, g + kRowGroups, ... in order, then the kRowGroups partial sums of a
@@ -170,7 +178,7 @@ __device__ __forceinline__ void warp_reduce_best(float& best, int& best_idx, int
 // barrier, after which gain is visible to every thread.
 template <class Tile, bool kInit, class RowOf>
 __device__ void column_pass(int ncols, int rows, const RowOf& row_of, const BlockScratch& sh,
-                            float* gain) {
+                            float* gain, int* open) {
   constexpr int kColThreads = Tile::kColThreads;
   constexpr int kColsPerThread = Tile::kColsPerThread;
   constexpr int kTileCols = Tile::kTileCols;
@@ -181,21 +189,26 @@ __device__ void column_pass(int ncols, int rows, const RowOf& row_of, const Bloc
   int parity = 0;
   for (int v0 = 0; v0 < ncols; v0 += kTileCols) {
     float acc[kColsPerThread];
+    int delta[kColsPerThread];  // terms opened (kInit) or closed
 #pragma unroll
-    for (int c = 0; c < kColsPerThread; ++c) acc[c] = 0.0f;
+    for (int c = 0; c < kColsPerThread; ++c) {
+      acc[c] = 0.0f;
+      delta[c] = 0;
+    }
     // Loads of consecutive rows are independent; only the adds are ordered.
 #pragma unroll 4
     for (int j = rg; j < rows; j += kRowGroups) {
       int u;
       float lo = 0.0f;
-      float width = 0.0f;
+      float hi = 0.0f;
       if (kInit) {
         u = j;
       } else {
         u = sh.list_u[j];
         lo = sh.list_lo[j];
-        width = sh.list_hi[j] - lo;
+        hi = sh.list_hi[j];
       }
+      const float width = hi - lo;
       const auto row = row_of(u);
 #pragma unroll
       for (int c = 0; c < kColsPerThread; ++c) {
@@ -203,6 +216,7 @@ __device__ void column_pass(int ncols, int rows, const RowOf& row_of, const Bloc
         if (v < ncols) {
           const float s = row(v);
           acc[c] += kInit ? relu_keep_nan(s) : coverage_drop(s, lo, width);
+          delta[c] += kInit ? (s > 0.0f) : (s > lo && s <= hi);  // NaN: never open
         }
       }
     }
@@ -220,6 +234,11 @@ __device__ void column_pass(int ncols, int rows, const RowOf& row_of, const Bloc
         for (int g = 1; g < kRowGroups; ++g) sum += part[g * kTileCols + tid];
         gain[v] = kInit ? sum : gain[v] - sum;
       }
+    }
+    // After the barrier, so that the zeroing of open[] before a kInit pass is done everywhere.
+#pragma unroll
+    for (int c = 0; c < kColsPerThread; ++c) {
+      if (delta[c] != 0) atomicAdd(open + v0 + ct + c * kColThreads, kInit ? delta[c] : -delta[c]);
     }
     parity ^= 1;
   }
@@ -272,11 +291,12 @@ __device__ void write_selected_ascending(const unsigned char* flags, int ncols, 
   __syncthreads();  // the flags may be rewritten (next image) by other threads only after this
 }
 
-// The block's best score max(gain, 0) * w (or + w), its lowest index and the lowest unselected
+// The block's best score gain * w (or + w), gain = max(gain, 0) or 0 without open terms, its
+// lowest index and the lowest unselected
 // index, over the unselected columns [0, ncols) whose image index is c0 + v (SPEC §1's tie rule;
 // a NaN score never wins). Afterwards thread 0 holds the block's triple. One barrier.
 template <class Tile>
-__device__ __forceinline__ void block_best(const WeightRow& w_b, const float* gain,
+__device__ __forceinline__ void block_best(const WeightRow& w_b, const float* gain, const int* open,
                                            const unsigned char* flags, int c0, int ncols, bool mul,
                                            const BlockScratch& sh, float& best, int& best_idx,
                                            int& first_free) {
@@ -292,9 +312,9 @@ __device__ __forceinline__ void block_best(const WeightRow& w_b, const float* ga
     if (flags[v]) continue;
     if (first_free == kNoIndex) first_free = c0 + v;
     float g = gain[v];
-    // The exact gain is >= 0; incremental drift must not push it below (a fully covered token
-    // scores exactly 0 in the reference). NaN stays NaN and then never wins the '>'.
-    g = g < 0.0f ? 0.0f : g;
+    // The exact gain is >= 0, and exactly 0 when no term is open (column_pass); the drift of the
+    // incremental sums must change neither. NaN stays NaN and then never wins the '>'.
+    if (g < 0.0f || (open[v] == 0 && g == g)) g = 0.0f;
     const float w = w_b(c0 + v);
     const float score = mul ? g * w : g + w;
     if (score > best) {

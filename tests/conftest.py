@@ -329,4 +329,44 @@ def assert_weights_read_in_kernel(select, device, dtype: torch.dtype) -> None:
             want = select(tokens, w32, k, 1.0, combine)  # max(w32, 0) = w32: the precomputed path
             assert torch.equal(got, want), (dtype, alpha, combine)
     if dtype == torch.float32:  # a float64 saliency is rounded to float32 once (docs/semantics.md)
-        assert torch.equal(select(tokens, saliency.double(), k, 1.0, "mul"), select(tokens, saliency, k, 1.0, "mul"))
+        for alpha in (1.0, 0.0, 0.5):  # 0: unit weights, the float64 tensor is never read
+            want = select(tokens, saliency, k, alpha, "mul")
+            assert torch.equal(select(tokens, saliency.double(), k, alpha, "mul"), want), alpha
+
+
+def assert_covered_ties_go_to_lowest_index(select, device) -> None:
+    """SPEC §1's tie rule where the gains are exactly 0. Tokens are exact duplicates of a few
+    vectors, so once one copy of each is picked every unselected token is fully covered: each of
+    its gain terms ``max(0, S[u, v] - c(u))`` is exactly 0, every score is 0 (``combine="mul"``),
+    and the picks must go on in index order. The incremental kernels' float gains keep rounding
+    residue there instead of 0 (the reference recomputes them); their exact count of open terms
+    is what makes the picks right. Decided exactly, by comparisons, on the similarity the kernel
+    reads (``scope_similarity`` of the same fp32 tokens, bitwise its input). ``select(tokens,
+    saliency, k)`` returns ``[B, k]`` picks in pick order (alpha = 1, "mul")."""
+    import numpy as np
+
+    from vtprune.similarity import scope_similarity
+
+    checked = 0
+    for seed in range(4):
+        g = torch.Generator().manual_seed(seed)
+        n, d, clusters = 24 + 37 * (seed % 2), 8, 3 + seed
+        x = torch.randn(clusters, d, generator=g)[torch.randint(0, clusters, (2, n), generator=g)]
+        tokens = x.to(device)
+        saliency = torch.rand(2, n, generator=g).to(device)
+        picks = select(tokens, saliency, n).cpu()
+        sim = scope_similarity(tokens).double().cpu().numpy()
+        for b in range(2):
+            s, cover, taken = sim[b], np.zeros(n), np.zeros(n, dtype=bool)
+            assert sorted(picks[b].tolist()) == list(range(n)), (seed, b, picks[b])
+            for i, t in enumerate(picks[b].tolist()):
+                free = np.flatnonzero(~taken)
+                if not (s[:, free] > cover[:, None]).any():  # every unselected gain is exactly 0
+                    assert t == free[0], (
+                        f"seed {seed} image {b} step {i}: every unselected token is fully covered, so "
+                        f"the lowest unselected index {free[0]} must be picked, got {t}; picks {picks[b].tolist()}"
+                    )
+                    checked += 1
+                taken[t] = True
+                cover = np.maximum(cover, s[:, t])
+    assert checked > 50, checked  # the covered phase was reached and checked

@@ -146,6 +146,27 @@ def test_zero_vectors_give_zero_not_nan(run, dtype):
 
 
 @pytest.mark.parametrize("run", BACKENDS)
+def test_nan_similarity_gives_nan_like_the_reference(run):
+    """A NaN/Inf token makes every similarity it enters NaN; the row's best is then NaN, as
+    torch's max gives it in the reference (facility_location turns NaN, theta_coverage does not
+    count the row), not the best of the finite ones."""
+    from vtprune import reference
+
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randn(2, 7, 12, generator=g)
+    tokens[0, 2, 5] = float("nan")  # unselected in image 0: only its own row is NaN
+    tokens[1, 4, 0] = float("inf")  # selected in image 1: every row meets it
+    indices = torch.tensor([[0, 3, 6], [1, 4, 5]])
+    lengths = torch.tensor([7, 7])
+    got = run(tokens.to(DEVICE), indices.to(DEVICE), lengths.to(DEVICE)).cpu()
+    want = reference.coverage_max_sim(tokens, indices, lengths)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)), (got, want)
+    assert torch.isnan(got[0, 2]) and int(torch.isnan(got[0]).sum()) == 1 and bool(torch.isnan(got[1]).all())
+    finite = ~torch.isnan(want)
+    torch.testing.assert_close(got[finite], want[finite].float(), atol=ATOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("run", BACKENDS)
 def test_invalid_indices_and_lengths_are_clamped_not_read(run):
     g = torch.Generator().manual_seed(7)
     tokens = torch.randn(4, 11, 20, generator=g)

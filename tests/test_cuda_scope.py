@@ -23,7 +23,7 @@ import torch
 import vtprune
 from vtprune import _cuda
 from vtprune.similarity import scope_similarity
-from conftest import SCOPE_SIZE_ERRORS, assert_same_greedy, assert_weights_read_in_kernel, np_cosine, np_weights, require_c_entry
+from conftest import SCOPE_SIZE_ERRORS, assert_covered_ties_go_to_lowest_index, assert_same_greedy, assert_weights_read_in_kernel, np_cosine, np_weights, require_c_entry
 from cuda_emu.runtime import cuda_rt  # noqa: F401  (fixture)
 
 CUDA_OK, CUDA_REASON = _cuda.status()
@@ -368,6 +368,18 @@ def test_zero_vectors_and_exact_ties(cuda_rt):
     zero_sal = torch.zeros(2, 30, device=dev)
     got = vtprune.fused_scope_select(tokens, zero_sal, 15, 1.0, sorted=False, backend="cuda")
     assert got[1].tolist() == list(range(15))
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [{}, dict(force_global_state=True), dict(cluster_size=2), dict(cluster_size=4, force_global_state=True)],
+    ids=["smem-state", "global-state", "cluster-2", "cluster-4-streamed"],
+)
+def test_fully_covered_tokens_tie_at_zero(cuda_rt, knobs):
+    """Duplicates of picked tokens have gain exactly 0: lowest index first, not rounding residue."""
+    assert_covered_ties_go_to_lowest_index(
+        lambda x, s, k: _cuda.scope_select(x, s, k, 1.0, "mul", None, False, **knobs), cuda_rt.device
+    )
 
 
 @pytest.mark.parametrize("n", [53, 1100, 2881])
@@ -761,7 +773,7 @@ def _good_args(c_module) -> dict:
 
 def test_binding_workspace_size():
     c_module = _scope_binding()
-    assert c_module.scope_workspace_bytes(3, 577) == 9 * 3 * 577
+    assert c_module.scope_workspace_bytes(3, 577) == 13 * 3 * 577  # gain, coverage, open counts, flags
     assert c_module.scope_workspace_bytes(0, 577) == 0 and c_module.scope_workspace_bytes(3, 0) == 0
     with pytest.raises(ValueError, match="N must be >= 0"):
         c_module.scope_workspace_bytes(1, -1)
@@ -777,7 +789,7 @@ def test_binding_workspace_size():
         *SCOPE_SIZE_ERRORS,
         (dict(k_max=-3), "k_max must be >= 0"),
         (dict(workspace_bytes=-1), "workspace_bytes must be >= 0"),
-        (dict(workspace_bytes=35), r"workspace_bytes must be >= scope_workspace_bytes\(B, N\) = 36, got 35"),
+        (dict(workspace_bytes=51), r"workspace_bytes must be >= scope_workspace_bytes\(B, N\) = 52, got 51"),
         (dict(max_list=-1), "max_list must be >= 0"),
         (dict(sim_ptr=0), "sim_ptr is null"),
         (dict(weights_ptr=0), "weights_ptr is null"),

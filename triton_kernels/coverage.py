@@ -91,9 +91,11 @@ def _coverage_max_sim_kernel(
         norm_s = tl.maximum(tl.sqrt(sss), EPS)
 
         sim = dot / (norm_u[:, None] * norm_s[None, :])
-        # `sim == sim` drops NaN (from NaN/Inf inputs) so it never wins, like the CUDA kernel.
+        # A NaN similarity (NaN/Inf input) makes the row's result NaN, as torch's max does in the
+        # reference and like the CUDA kernel. Tracked apart: tl.max / tl.maximum need not keep NaN.
+        nan_here = tl.max((s_valid[None, :] & (sim != sim)).to(tl.int32), axis=1) > 0
         sim = tl.where(s_valid[None, :] & (sim == sim), sim, float("-inf"))
-        best = tl.maximum(best, tl.max(sim, axis=1))
+        best = tl.where(nan_here | (best != best), float("nan"), tl.maximum(best, tl.max(sim, axis=1)))
 
     out = tl.where(u_valid, best, 0.0)
     tl.store(out_ptr + b * N + offs_u, out, mask=offs_u < N)

@@ -22,12 +22,12 @@ Design
      image at N = 16384); the torch path (fp32 tokens) adds one fp32 row block and the fp32
      normalized tokens (``4 * B * N * D``), the fused kernel (16-bit tokens) nothing. The
      kernel upcasts every load, so all the arithmetic below stays fp32 and the picks are the greedy picks of the rounded S (see docs/semantics.md).
-   The scratch rows of step 2 add ``24 * B * N`` bytes (``N`` rounded up to a multiple of 4), in one
+   The scratch rows of step 2 add ``28 * B * N`` bytes (``N`` rounded up to a multiple of 4), in one
    zeroed allocation.
 2. One persistent launch, ``grid = (B,)``: program ``b`` runs every greedy step of image ``b``.
    Its state lives in small global scratch rows (L2-resident): gains ``[N]`` fp32, coverage ``[N]``
-   fp32, a selected flag ``[N]`` int8 and a list of the rows whose coverage changed in the current
-   step. Everything is walked in ``BLOCK_U x BLOCK_V`` tiles, so any ``N`` works.
+   fp32, open-term counts ``[N]`` (fp32: whole numbers below ``2**24`` are exact), a selected flag
+   ``[N]`` int8 and a list of the rows whose coverage changed in the current step. Everything is walked in ``BLOCK_U x BLOCK_V`` tiles, so any ``N`` works.
    - init: ``gain(v) = sum_u max(0, S[u, v])`` over valid ``u`` (coverage starts at 0);
    - pick: tile-wise argmax of ``score(v) = max(gain(v), 0) * w(v)`` (or ``+ w(v)``) over valid
      unselected ``v``; NaN scores count as ``-inf``; the per-tile maxima are merged with a strict
@@ -39,7 +39,10 @@ Design
    - incremental gains: ``gain(v) -= sum_{u in list} min(max(S[u, v] - lo_u, 0), hi_u - lo_u)``,
      i.e. ``max(0, S - c_old) - max(0, S - c_new)`` written so that a covered entry gives exactly
      0. A step costs ``|changed| x N`` instead of the reference's ``N x N`` (the changed set
-     shrinks quickly as the selection grows).
+     shrinks quickly as the selection grows). Alongside, ``open(v)`` counts the terms
+     ``max(0, S[u, v] - c(u))`` still positive (exact integers); at ``open(v) = 0`` the gain is
+     exactly 0, as the reference computes it, so the drift of the float sums cannot break the
+     ties of fully covered tokens (duplicates of picked ones).
      The listed rows' coverage is written after the gain update. ``tl.debug_barrier()`` separates
      every global write from reads of it by other threads (warps may hold replicated copies of a
      small tile and reduce it without synchronizing, so even "read, then write" of the same
@@ -48,7 +51,9 @@ Design
    result is deterministic. Gains stay fp32: the incremental sums agree with the reference's
    recomputed sums to a few fp32 ulps of the initial gain, so the picks are equal unless two
    scores are that close (a near-tie, where the reference's own rounding decides).
-3. Sorting (``sorted=True``) and the varlen packing/unpacking are torch ops in the wrapper.
+3. ``sorted=True``: after the last step the kernel compacts the selected flags in index order
+   (a prefix sum per tile), so no sort runs after it. The varlen packing/unpacking are torch ops
+   in the wrapper (:mod:`vtprune._varlen`).
 
 The kernel reads only inside ``[0, length_b)`` (lengths clamped to ``[1, N]``, per-image ``k``
 clamped to ``[0, min(length_b, K_MAX)]``), so bad values cannot read or write out of bounds.
@@ -89,6 +94,7 @@ def _scope_greedy_kernel(
     gain_ptr,  # fp32 [B, N]  scratch: current gains
     cov_ptr,  # fp32 [B, N]   scratch: coverage, zero-initialized
     sel_ptr,  # int8 [B, N]   scratch: selected flags, zero-initialized
+    open_ptr,  # fp32 [B, N]  scratch: count of the still-positive terms of each gain (exact below 2**24)
     lu_ptr,  # int32 [B, N]   scratch: rows whose coverage changed this step
     llo_ptr,  # fp32 [B, N]   scratch: their old coverage
     lhi_ptr,  # fp32 [B, N]   scratch: their new coverage
@@ -114,6 +120,7 @@ def _scope_greedy_kernel(
     gain_b = gain_ptr + row
     cov_b = cov_ptr + row
     sel_b = sel_ptr + row
+    open_b = open_ptr + row
     lu_b = lu_ptr + row
     llo_b = llo_ptr + row
     lhi_b = lhi_ptr + row
@@ -122,11 +129,15 @@ def _scope_greedy_kernel(
     ar_u = tl.arange(0, BLOCK_U)
     ar_v = tl.arange(0, BLOCK_V)
 
-    # ---- initial gains: gain(v) = sum_u max(0, S[u, v]) over valid u (coverage is 0)
+    # ---- initial gains: gain(v) = sum_u max(0, S[u, v]) over valid u (coverage is 0), and
+    # open(v) = #{u : S[u, v] > 0}, the terms of gain(v) still positive. open is exact where the
+    # incremental float gains drift, so a fully covered token (gain exactly 0 in the reference)
+    # scores exactly 0 here too and ties at 0 go to the lowest index, not to rounding residue.
     for v0 in range(0, length, BLOCK_V):
         offs_v = v0 + ar_v
         v_ok = offs_v < length
         acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        opened = tl.zeros([BLOCK_V], dtype=tl.float32)
         for u0 in range(0, length, BLOCK_U):
             offs_u = u0 + ar_u
             u_ok = offs_u < length
@@ -136,7 +147,9 @@ def _scope_greedy_kernel(
                 other=0.0,
             ).to(tl.float32)
             acc += tl.sum(tl.where(s < 0.0, 0.0, s), axis=0)  # NaN stays NaN, as clamp_min(0)
+            opened += tl.sum((s > 0.0).to(tl.float32), axis=0)  # NaN: never open
         tl.store(gain_b + offs_v, acc, mask=v_ok)
+        tl.store(open_b + offs_v, opened, mask=v_ok)
     tl.debug_barrier()  # gains written by some threads are read by others below
 
     for i in range(0, kb):
@@ -154,9 +167,10 @@ def _scope_greedy_kernel(
                 wv = tl.load(w_b + offs_v, mask=v_ok, other=0.0).to(tl.float32)
                 wv = tl.where(wv < 0.0, 0.0, wv)
             taken = tl.load(sel_b + offs_v, mask=v_ok, other=1)
-            # The exact gain is >= 0; drift of the incremental sums must not go below 0
-            # (a fully covered token scores exactly 0 in the reference). NaN stays NaN.
-            g = tl.where(g < 0.0, 0.0, g)
+            n_open = tl.load(open_b + offs_v, mask=v_ok, other=1.0)
+            # The exact gain is >= 0, and exactly 0 with no open term; the drift of the
+            # incremental sums must change neither. NaN stays NaN.
+            g = tl.where((g < 0.0) | ((n_open == 0.0) & (g == g)), 0.0, g)
             if MUL:
                 score = g * wv
             else:
@@ -198,11 +212,13 @@ def _scope_greedy_kernel(
             count += tl.sum(ch, axis=0)
         tl.debug_barrier()  # the list is read back by other threads
 
-        # ---- gains: gain(v) -= sum_{u changed} min(max(S[u, v] - lo_u, 0), hi_u - lo_u)
+        # ---- gains: gain(v) -= sum_{u changed} min(max(S[u, v] - lo_u, 0), hi_u - lo_u), and
+        # open(v) -= #{u changed : lo_u < S[u, v] <= hi_u} (the terms this step closes)
         for v0 in range(0, length, BLOCK_V):
             offs_v = v0 + ar_v
             v_ok = offs_v < length
             acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+            closed = tl.zeros([BLOCK_V], dtype=tl.float32)
             for j0 in range(0, count, BLOCK_U):
                 offs_j = j0 + ar_u
                 j_ok = offs_j < count
@@ -216,8 +232,12 @@ def _scope_greedy_kernel(
                 ).to(tl.float32)
                 d = tl.minimum(tl.maximum(s - lo[:, None], 0.0), (hi - lo)[:, None])
                 acc += tl.sum(tl.where(j_ok[:, None], d, 0.0), axis=0)
+                shut = j_ok[:, None] & (s > lo[:, None]) & (s <= hi[:, None])
+                closed += tl.sum(shut.to(tl.float32), axis=0)
             g = tl.load(gain_b + offs_v, mask=v_ok, other=0.0)
             tl.store(gain_b + offs_v, g - acc, mask=v_ok)
+            n_open = tl.load(open_b + offs_v, mask=v_ok, other=0.0)
+            tl.store(open_b + offs_v, n_open - closed, mask=v_ok)
         # ---- coverage of the listed rows: c(u) = S[u, t]
         for j0 in range(0, count, BLOCK_U):
             offs_j = j0 + ar_u
@@ -341,21 +361,21 @@ def _launch(
         sim = scope_similarity(tokens, storage)
     w, unit_w = kernel_weights(saliency, alpha)
 
-    # The six scratch rows in one zeroed allocation instead of six (each costs the host a call;
-    # zeroing the rows that need no zeros costs the device one memset of 24 * B * N bytes). The
+    # The seven scratch rows in one zeroed allocation instead of seven (each costs the host a call;
+    # zeroing the rows that need no zeros costs the device one memset of 28 * B * N bytes). The
     # kernel takes each as a flat [B * N] row block (element b * N + i), so a plane of [B, N_pad]
     # 4-byte words holds any of them (the int8 flags in its first quarter); N_pad, a multiple of
     # 4, keeps every plane 16-byte aligned as separate allocations were.
     n_pad = (n + 3) // 4 * 4
-    cover, selected, gain, list_lo, list_hi, list_u = torch.zeros(
-        6, batch, n_pad, dtype=torch.float32, device=device
+    cover, selected, gain, list_lo, list_hi, list_u, n_open = torch.zeros(
+        7, batch, n_pad, dtype=torch.float32, device=device
     ).unbind(0)
-    selected, list_u = selected.view(torch.int8), list_u.view(torch.int32)
+    selected, list_u = selected.view(torch.int8), list_u.view(torch.int32)  # n_open stays fp32: exact counts
 
     bu = block_u or _pow2_block(n, _BLOCK_U)
     bv = block_v or _pow2_block(n, _BLOCK_V)
     k_max = out.shape[1]
-    args = (sim, w, lengths, k_per_image, gain, cover, selected, list_u, list_lo, list_hi, out, n, k_max, w.stride(0))
+    args = (sim, w, lengths, k_per_image, gain, cover, selected, n_open, list_u, list_lo, list_hi, out, n, k_max, w.stride(0))
     meta = dict(MUL=combine == "mul", SORTED=bool(sorted), UNIT_W=unit_w, BLOCK_U=bu, BLOCK_V=bv, BIG=_BIG, num_warps=_NUM_WARPS)
     if device.type == "cuda" and device.index != torch.cuda.current_device():
         # Triton launches on torch's current device/stream; make that the tensors' device (only

@@ -443,8 +443,9 @@ def _launch_scope(
         workspace.data_ptr() if workspace.numel() else 0,
         workspace.numel(),
         out.data_ptr(),
-        weights_dtype=DTYPE_CODES[w.dtype],
-        weights_stride=w.stride(0),
+        # unit weights are never read, so their dtype (even float64) does not matter
+        weights_dtype=DTYPE_CODES[torch.float32] if unit else DTYPE_CODES[w.dtype],
+        weights_stride=0 if unit else w.stride(0),
         unit_weights=unit,
         **options,
     )

@@ -43,7 +43,8 @@
 //
 // Not modelled: timing, the weak memory model (fibers see each other's writes at once),
 // intra-warp lockstep (a kernel relying on implicit warp synchronicity is racy on Volta+ anyway),
-// atomics (unused), and the FMA contraction nvcc applies to plain a * b + c (see build.py).
+// atomics beyond integer adds (plain read-modify-writes: fibers never interleave inside one),
+// and the FMA contraction nvcc applies to plain a * b + c (see build.py).
 
 #include <pthread.h>
 #include <signal.h>

@@ -46,6 +46,14 @@ inline const dim3& gridDim = ::emu::g_grid_dim;
 #define __shfl_sync(...) (::emu::Site{__FILE__, __LINE__}.shfl_idx(__VA_ARGS__))
 #define __ballot_sync(...) (::emu::Site{__FILE__, __LINE__}.ballot(__VA_ARGS__))
 
+// Atomics: fibers switch only at synchronizing intrinsics, so a plain read-modify-write cannot be
+// interleaved with another thread's. (Integer atomics only: their order cannot change a result.)
+inline int atomicAdd(int* address, int value) {
+  const int old = *address;
+  *address = old + value;
+  return old;
+}
+
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 inline int __popcll(unsigned long long x) { return __builtin_popcountll(x); }
 // Explicitly rounded fp32 operations: kernels use them to forbid FMA contraction. The emulator is
