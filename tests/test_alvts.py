@@ -217,6 +217,26 @@ def test_full_rank_scores_bad_inputs():
         vtprune.full_rank_scores(x, layer.w_q, layer.w_k, mask, backend="nope", **kw)
 
 
+def test_selector_and_attention_importance_bad_shapes():
+    g = torch.Generator().manual_seed(8)
+    u_q, u_k, v = torch.randn(32, 4, generator=g), torch.randn(16, 4, generator=g), torch.randn(4, 24, generator=g)
+    # one rank-R head (num_heads=None) needs U_q^T U_k: grouped-query weights (Dq != Dk) need num_heads
+    with pytest.raises(ValueError, match="num_heads"):
+        vtprune.LowRankSelector(u_q, v, u_k, v, head_dim=8)
+    vtprune.LowRankSelector(u_q, v, u_k, v, head_dim=8, num_heads=4, num_kv_heads=2)  # the GQA form is fine
+    q = torch.randn(1, 2, 4, 8, generator=g)
+    groups = torch.zeros(1, 4, dtype=torch.long)
+    for backend in ("reference", "torch"):
+        with pytest.raises(ValueError, match="last dim"):
+            vtprune.attention_importance(q[..., :0], q[..., :0], groups, backend=backend)
+        with pytest.raises(ValueError, match="key_range"):
+            vtprune.attention_importance(q, q, groups, key_range=(1,), backend=backend)
+        with pytest.raises(ValueError, match="key_range"):
+            vtprune.attention_importance(q, q, groups, key_range=5, backend=backend)
+        with pytest.raises(ValueError, match="heads"):
+            vtprune.attention_importance(q[:, :0], q[:, :1], groups, backend=backend)  # Hq = 0 gave NaN
+
+
 # ----------------------------------------------------------------------------- routing
 
 
@@ -332,6 +352,9 @@ def test_route_layer_bad_inputs():
         kw = {"visual_mask": mask, **kw}
         with pytest.raises(err, match=name):
             vtprune.route_layer(*args, **kw)
+    # an empty batch: nothing to route (N is unknown without rows), the empty input comes back
+    empty = vtprune.route_layer(x[:0], keep[:0], layer, visual_mask=mask[:0])
+    assert empty.shape == (0, 20, 32) and empty.dtype == x.dtype
     uneven = mask.clone()
     uneven[0, 13] = True  # 11 visual tokens in row 0, 10 elsewhere
     with pytest.raises(ValueError, match="visual_mask"):

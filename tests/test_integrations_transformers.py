@@ -527,6 +527,66 @@ def test_alvts_generation(llava3):
     assert torch.equal(routed, llava3.generate(**inputs, max_new_tokens=3, do_sample=False))
 
 
+def test_alvts_mixed_unrouted_layers_generate_under_sdpa_and_refuse_eager(llava3):
+    """Unrouted layers (``None``) cache all ``L`` tokens, routed ones fewer: SDPA decodes
+    without a mask and attends to each layer's own cache; eager builds one mask for one
+    length, so it must refuse with the workaround instead of a size mismatch."""
+    one = {k: v[1:] for k, v in _alvts_batch().items()}  # row 1 has no padding
+    selectors = lowrank_selectors(llava3, rank=4)
+    mixed = [selectors[0], None, selectors[2]]
+    with apply_layerwise(llava3, mixed, ratio=0.5) as routing:
+        new = llava3.generate(**one, max_new_tokens=3, do_sample=False)
+        assert new.shape == (1, one["input_ids"].shape[1] + 3) and sorted(routing.kept) == [0, 2]
+    eager = copy.deepcopy(llava3)
+    eager.set_attn_implementation("eager")
+    with apply_layerwise(eager, mixed, ratio=0.5):
+        with pytest.raises(ValueError, match="route every layer.*sdpa"):
+            eager.generate(**one, max_new_tokens=3, do_sample=False)
+        text = {"input_ids": one["input_ids"][:, :5], "attention_mask": one["attention_mask"][:, :5]}
+        eager.generate(**text, max_new_tokens=2, do_sample=False)  # no visual tokens: every cache is full
+    with apply_layerwise(eager, mixed, ratio=1.0):  # nothing shortened: equal caches
+        routed = eager.generate(**one, max_new_tokens=3, do_sample=False)
+    assert torch.equal(routed, eager.generate(**one, max_new_tokens=3, do_sample=False))
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    torch.manual_seed(5)
+    return transformers.LlamaForCausalLM(_llama_config(layers=3)).eval()
+
+
+def test_alvts_causal_lm_without_image_token_uses_the_visual_mask(llama3):
+    """A plain causal LM has no image token: ``visual_mask`` marks the visual tokens of calls
+    of its shape (``inputs_embeds`` or ``input_ids``); other ``input_ids`` calls (text-only
+    forwards, ``generate``'s decode steps) have none and run the layers unrouted."""
+    g = torch.Generator().manual_seed(35)
+    embeds = torch.randn(1, 20, 32, generator=g)
+    ids = torch.randint(3, 100, (1, 20), generator=g)
+    visual = torch.zeros(1, 20, dtype=torch.bool)
+    visual[0, 4:14] = True
+    ones = torch.ones(1, 20, dtype=torch.long)
+    text = ids[:, :5]
+    ref_text = llama3(input_ids=text).logits
+    ref_gen = llama3.generate(inputs_embeds=embeds, attention_mask=ones, max_new_tokens=3, do_sample=False)
+    selectors = lowrank_selectors(llama3, rank=4)
+    with apply_layerwise(llama3, selectors, ratio=0.5) as routing:
+        torch.testing.assert_close(llama3(input_ids=text).logits, ref_text)  # no visual_mask: unrouted
+        assert routing.kept == {}
+        routing.visual_mask = visual
+        torch.testing.assert_close(llama3(input_ids=text).logits, ref_text)  # another shape: unrouted
+        assert routing.kept == {}
+        llama3(input_ids=ids)  # visual_mask's shape: routed
+        assert sorted(routing.kept) == [0, 1, 2] and all(v.shape == (1, 5) for v in routing.kept.values())
+        routing.kept.clear()
+        new = llama3.generate(inputs_embeds=embeds, attention_mask=ones, max_new_tokens=3, do_sample=False)
+        assert new.shape == (1, 3) and sorted(routing.kept) == [0, 1, 2]
+    with apply_layerwise(llama3, selectors, ratio=1.0) as routing:
+        routing.visual_mask = visual
+        routed = llama3.generate(inputs_embeds=embeds, attention_mask=ones, max_new_tokens=3, do_sample=False)
+        assert all(bool(visual.gather(1, v).all()) and v.shape == (1, 10) for v in routing.kept.values())
+    assert torch.equal(routed, ref_gen)
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -179,8 +179,12 @@ def check_cu_seqlens(
         values = cu_seqlens.tolist()
         if values[0] != 0 or values[-1] != total:
             raise ValueError(f"cu_seqlens must start at 0 and end at T = {total}; got {values[0]} ... {values[-1]}")
-        if any(b <= a for a, b in zip(values, values[1:])):
-            raise ValueError("cu_seqlens must be strictly increasing (every sequence needs >= 1 token)")
+        bad = next((i for i, (a, b) in enumerate(zip(values, values[1:])) if b <= a), None)
+        if bad is not None:
+            raise ValueError(
+                "cu_seqlens must be strictly increasing (every sequence needs >= 1 token); "
+                f"got cu_seqlens[{bad}] = {values[bad]}, cu_seqlens[{bad + 1}] = {values[bad + 1]}"
+            )
     return as_int64_on(cu_seqlens, device), values
 
 
@@ -247,8 +251,13 @@ def check_indices(
         raise ValueError(f"indices must be on the same device as tokens ({device}); got {indices.device}")
     if batch > 0 and read_values(indices, check_values):
         limit = lengths[:, None] if lengths is not None else n
-        if bool(((indices < 0) | (indices >= limit)).any()):
-            raise ValueError(f"indices must lie in [0, N) (and below lengths[b] when given); N = {n}")
+        bad = ((indices < 0) | (indices >= limit)).nonzero()
+        if bad.shape[0] > 0:
+            row, col = bad[0].tolist()
+            raise ValueError(
+                f"indices must lie in [0, N) (and below lengths[b] when given); N = {n}, "
+                f"got indices[{row}, {col}] = {int(indices[row, col])}"
+            )
     return as_int64_on(indices, device)
 
 

@@ -62,6 +62,12 @@ class LowRankSelector(nn.Module):
             u_q.shape[0] != num_heads * head_dim or u_k.shape[0] != self.num_kv_heads * head_dim
         ):
             raise ValueError("U_q rows must be num_heads * head_dim and U_k rows num_kv_heads * head_dim")
+        if num_heads is None and u_q.shape[0] != u_k.shape[0]:
+            # one rank-R head scores through U_q^T U_k, which needs Dq == Dk
+            raise ValueError(
+                f"with num_heads=None (one head) U_q and U_k must have the same rows (Dq == Dk); got Dq = "
+                f"{u_q.shape[0]}, Dk = {u_k.shape[0]}: pass num_heads and num_kv_heads for grouped-query weights"
+            )
 
     @classmethod
     def from_weights(
@@ -403,7 +409,9 @@ def route_layer(
         position_ids: int ``[B, L]`` or ``[L]`` (shared by every row); default ``arange(L)``.
 
     Returns:
-        ``[B, L, D]`` (``[L, D]`` unbatched), ``hidden``'s dtype.
+        ``[B, L, D]`` (``[L, D]`` unbatched), ``hidden``'s dtype. An empty batch (``B = 0``)
+        comes back as a copy without calling ``layer_fn`` (with no rows, ``N`` and so ``L'``
+        are unknown).
     """
     x, mask, unbatched = _check_hidden_and_mask(hidden, visual_mask, same_count=False)
     batch, length, dim = x.shape
@@ -431,9 +439,11 @@ def route_layer(
         V.check_same_device(pos, "position_ids", x, "hidden")
         pos = pos.expand(batch, length)
 
+    if batch == 0:  # no rows to read N from, nothing to route
+        return x.clone()
     counts = mask.sum(dim=-1)
     route = ~mask
-    if batch > 0 and idx.shape[1] > 0:
+    if idx.shape[1] > 0:
         if V.eager():
             if bool(((idx < 0) | (idx >= length)).any()):
                 raise ValueError(f"keep_idx must lie in [0, L = {length})")
@@ -442,9 +452,9 @@ def route_layer(
             if bool((idx.sort(dim=-1).values.diff(dim=-1) == 0).any()):
                 raise ValueError("keep_idx must not repeat a position within a row")
         route = route.scatter(1, idx.clamp(0, length - 1), True)
-    if V.eager() and batch > 0 and bool((counts != counts[0]).any()):
+    if V.eager() and bool((counts != counts[0]).any()):
         raise ValueError("visual_mask must mark the same number of visual tokens in every row (so the routed rows stack)")
-    sub_len = length - (int(counts[0]) if batch > 0 else 0) + idx.shape[1]
+    sub_len = length - int(counts[0]) + idx.shape[1]
     # routed positions in ascending order: a stable sort puts routed (key 0) before pruned (key 1)
     order = torch.sort((~route).to(torch.int8), dim=-1, stable=True).indices[:, :sub_len]
     sub = torch.gather(x, 1, order[..., None].expand(-1, -1, dim))

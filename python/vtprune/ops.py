@@ -410,7 +410,7 @@ def crop_budgets(
     if w.shape[0] > 0 and w.shape[1] > 0 and V.read_values(cap, _strict(check_values, resolved)):
         lowest, room = torch.stack([cap.min(), cap.sum(dim=-1).min()]).tolist()
         if lowest < 0:
-            raise ValueError("capacity must be >= 0")
+            raise ValueError(f"capacity must be >= 0; got a capacity of {lowest}")
         if k > room:
             raise ValueError(f"k must be <= the total capacity of every row; got k = {k} and a row of capacity {room}")
     elif w.shape[0] > 0 and w.shape[1] == 0 and V.eager():
@@ -494,8 +494,13 @@ def crop_topk(
             raise ValueError(f"crop_sizes must be >= 0 and sum to at most N = {n}")
     if batch > 0 and V.read_values(q, strict):
         sizes_q = sizes.to(q.device)
-        if bool(((q < 0) | (q > sizes_q)).any()):
-            raise ValueError("budgets must satisfy 0 <= budgets[c] <= crop_sizes[c]")
+        bad = ((q < 0) | (q > sizes_q)).nonzero()
+        if bad.shape[0] > 0:
+            row, c = bad[0].tolist()
+            raise ValueError(
+                "budgets must satisfy 0 <= budgets[c] <= crop_sizes[c]; "
+                f"got budgets[{row}, {c}] = {int(q[row, c])} with crop_sizes[{row}, {c}] = {int(sizes_q[row, c])}"
+            )
         if bool((q.sum(dim=-1) != k).any()):
             raise ValueError(f"budgets must sum to k = {k} in every row")
     if k < 1:
@@ -580,8 +585,8 @@ def attention_importance(
     then column accumulation).
 
     Args:
-        q: ``[B, Hq, L, d]`` queries.
-        k: ``[B, Hk, L, d]`` keys, ``Hq`` a multiple of ``Hk`` (grouped-query attention).
+        q: ``[B, Hq, L, d]`` queries, ``d >= 1``.
+        k: ``[B, Hk, L, d]`` keys, ``Hq >= 1`` a multiple of ``Hk`` (grouped-query attention).
         query_groups: int ``[B, L]``, the group id of each query; -1 leaves it out.
         num_groups: ``G``; default the largest id + 1 (pass it to avoid a device sync).
         causal: keys after the query get no attention.
@@ -601,8 +606,10 @@ def attention_importance(
     b, hq, length, d = q.shape
     if k.shape[0] != b or k.shape[2] != length or k.shape[3] != d:
         raise ValueError(f"k must have shape [B, Hk, L, d] = [{b}, Hk, {length}, {d}] to match q; got {tuple(k.shape)}")
-    if k.shape[1] < 1 or hq % k.shape[1] != 0:
-        raise ValueError(f"q's heads ({hq}) must be a multiple of k's heads ({k.shape[1]})")
+    if hq < 1 or k.shape[1] < 1 or hq % k.shape[1] != 0:  # Hq = 0 would average over no heads: NaN
+        raise ValueError(f"q's heads ({hq}) must be a positive multiple of k's heads ({k.shape[1]})")
+    if d < 1:  # the default scale 1 / sqrt(d), and the logits themselves, need a head dim
+        raise ValueError(f"q and k must have a last dim (head dim d) >= 1; got d = {d}")
     if k.dtype != q.dtype:
         raise TypeError(f"k must have q's dtype {q.dtype}; got {k.dtype}")
     V.check_same_device(k, "k", q, "q")
@@ -621,6 +628,8 @@ def attention_importance(
         lowest, highest = torch.stack(torch.aminmax(query_groups)).tolist()
         if lowest < -1 or highest >= num_groups:
             raise ValueError(f"query_groups must lie in [-1, num_groups = {num_groups})")
+    if key_range is not None and (not isinstance(key_range, (tuple, list)) or len(key_range) != 2):
+        raise ValueError(f"key_range must be a (start, end) pair; got {key_range!r}")
     start, end = (0, length) if key_range is None else (V.check_int(key_range[0], "key_range[0]"), V.check_int(key_range[1], "key_range[1]"))
     if not 0 <= start < end <= length:
         raise ValueError(f"key_range must satisfy 0 <= start < end <= L = {length}; got ({start}, {end})")

@@ -15,13 +15,18 @@ since that is what the layer's ``W_q``/``W_k`` (which the selector approximates)
 Which tokens are visual comes from the ``input_ids`` the model is called with (the
 config's image token); when the model is called with ``inputs_embeds`` (e.g. after
 :func:`prune_inputs`, whose ``PruneInfo.visual_mask`` is that mask), set
-:attr:`LayerwiseRouting.visual_mask` first.
+:attr:`LayerwiseRouting.visual_mask` first. A model without an image token (a plain causal
+LM) takes the visual tokens of an ``input_ids`` call from ``visual_mask`` too when its shape
+matches; any other ``input_ids`` call (text only, ``generate``'s decode steps) has none.
 
 With a KV cache (``generate``), each layer caches only the tokens routed through it, which
 is what ALVTS means: later tokens attend at that layer to what went through it. Decoding
 steps carry no visual tokens and run the layers unchanged. A padded batch cannot be
 continued that way (the model's 2-D padding mask would no longer line up with the shorter
 caches), so generation with padding and ``ratio < 1`` raises; run such batches row by row.
+Unrouted layers (``None`` selectors) cache every token, so with ``ratio < 1`` the caches
+differ in length: SDPA and FlashAttention decode without a mask and handle that, but an
+implementation that builds one mask for all layers (eager, flex) cannot, and raises.
 """
 
 from __future__ import annotations
@@ -96,7 +101,8 @@ class LayerwiseRouting:
 
     Attributes:
         visual_mask: bool ``[B, L]`` marking the visual tokens, for calls made with
-            ``inputs_embeds``; calls with ``input_ids`` derive it from the image token.
+            ``inputs_embeds``; calls with ``input_ids`` derive it from the image token, or,
+            on a model without one, use it when its shape matches (else have no visual tokens).
         kept: ``{layer index: [B, k] positions of the visual tokens routed through it}``,
             from the last call that had visual tokens.
     """
@@ -109,6 +115,8 @@ class LayerwiseRouting:
         self.kept: dict[int, Tensor] = {}
         self._current: Tensor | None = None
         self._padded = False
+        self._shortened = False  # the cache's prefill routed fewer than all visual tokens
+        self._unrouted = any(selector is None for selector in selectors)
         self._image_token = getattr(model.config, "image_token_id", None)
         if self._image_token is None:
             self._image_token = getattr(model.config, "image_token_index", None)
@@ -139,9 +147,14 @@ class LayerwiseRouting:
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         if input_ids is not None:
-            if self._image_token is None:
-                raise unsupported(self.model, "has no image token id; set LayerwiseRouting.visual_mask and pass inputs_embeds")
-            mask = input_ids == int(self._image_token)
+            if self._image_token is not None:
+                mask = input_ids == int(self._image_token)
+            elif self.visual_mask is not None and tuple(self.visual_mask.shape) == tuple(input_ids.shape):
+                mask = self.visual_mask.to(input_ids.device)
+            else:
+                # no image token to find them by: a text-only call, or a decode step after a
+                # prefill made with inputs_embeds (whose visual_mask has the prompt's shape)
+                mask = None
         elif embeds is not None:
             if self.visual_mask is None or tuple(self.visual_mask.shape) != tuple(embeds.shape[:2]):
                 got = None if self.visual_mask is None else tuple(self.visual_mask.shape)
@@ -156,16 +169,37 @@ class LayerwiseRouting:
         has_visual = mask is not None and bool(mask.any())
         cache = kwargs.get("past_key_values")
         cached = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
-        if has_visual:
-            if cached:
-                raise ValueError("ALVTS routing cannot add visual tokens to a non-empty KV cache (prefill them in one call)")
-            self._padded = isinstance(attention_mask, Tensor) and bool((attention_mask == 0).any())
-        elif cached and self._padded and self.ratio < 1.0:
+        if has_visual and cached:
+            raise ValueError("ALVTS routing cannot add visual tokens to a non-empty KV cache (prefill them in one call)")
+        if not cached:  # a prefill: remember how it fills the cache for the decode steps after it
+            self._shortened = has_visual and self.ratio < 1.0
+            self._padded = self._shortened and isinstance(attention_mask, Tensor) and bool((attention_mask == 0).any())
+        elif self._shortened and self._padded:
             raise ValueError(
                 "generation with ALVTS routing (ratio < 1) needs an unpadded batch: the padding mask no longer lines "
                 "up with the layers' shorter caches; generate row by row"
             )
+        elif self._shortened and self._unrouted and self._masks_every_layer():
+            raise ValueError(
+                f"generation with ALVTS routing (ratio < 1) and unrouted (None) layers cannot use the "
+                f"{self._attn_implementation()!r} attention implementation: unrouted layers cache all tokens and "
+                "routed ones fewer, and it builds one decode mask for a single cache length; route every layer "
+                "(a selector for each) or use attn_implementation='sdpa'"
+            )
         self._current = mask
+
+    def _attn_implementation(self) -> str | None:
+        """The decoder's attention implementation, read per call (``set_attn_implementation`` may change it)."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text, "_attn_implementation", None)
+
+    def _masks_every_layer(self) -> bool:
+        """Whether decode steps get a materialized mask of one length for every layer. SDPA and
+        FlashAttention skip the mask of an unpadded one-token step (each layer attends to its
+        whole cache); eager and flex build it, from one layer's cache length."""
+        impl = self._attn_implementation()
+        return not (impl == "sdpa" or (isinstance(impl, str) and impl.startswith("flash_attention")))
 
     # -- the routed layer -------------------------------------------------------------
 
@@ -254,9 +288,12 @@ def apply_layerwise(
         model: a model with a Llama-family decoder (``LlavaForConditionalGeneration``,
             ``LlavaNextForConditionalGeneration``, or a causal LM with ``model.layers``),
             whose layers take ``hidden_states`` plus keyword ``attention_mask``,
-            ``position_ids``, ``position_embeddings`` and have ``input_layernorm``.
+            ``position_ids``, ``position_embeddings`` and have ``input_layernorm``. Without
+            an image token id in its config, set ``handle.visual_mask`` to mark the visual
+            tokens of the prompt (calls of another shape have none).
         selectors: one :class:`vtprune.LowRankSelector` per decoder layer (``None`` leaves
-            that layer unrouted), e.g. :func:`lowrank_selectors`.
+            that layer unrouted; then ``generate`` with ``ratio < 1`` needs SDPA or
+            FlashAttention, not eager), e.g. :func:`lowrank_selectors`.
         ratio: share of the visual tokens routed through each layer, ``0 <= ratio <= 1``.
         backend: backend of :func:`vtprune.alvts_scores`.
 
