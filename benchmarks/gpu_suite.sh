@@ -125,6 +125,9 @@ arch=$($py -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[
   echo "gpu_suite: no usable GPU here (torch.cuda.get_device_capability() failed)" >&2; exit 2; }
 write_env
 
+# compute-sanitizer from PATH, else next to the CUDA toolkit setup.py may have found nvcc in
+sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+
 pytest_args=(-q)
 if $py -c "import xdist" 2>/dev/null; then pytest_args+=(-n "${PYTEST_WORKERS:-8}"); fi
 plots=0
@@ -141,7 +144,10 @@ for s in "${expanded[@]}"; do
       tool=${s#sanitizer-}
       driver_args=()
       [ "$tool" = memcheck ] && driver_args=(--triton)
-      step "$s" compute-sanitizer --tool "$tool" --error-exitcode 1 $py benchmarks/sanitizer_driver.py ${driver_args[@]+"${driver_args[@]}"} ;;
+      # Without torch's caching allocator every tensor is its own allocation, so an overrun past a
+      # small tensor is an error instead of a write into a neighbour inside a cached 2 MiB block.
+      step "$s" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool" --error-exitcode 1 \
+        $py benchmarks/sanitizer_driver.py ${driver_args[@]+"${driver_args[@]}"} ;;
     bench-host) step "$s" $py benchmarks/host_overhead.py --mode gpu ;;
     bench-*)
       op=${s#bench-}

@@ -27,6 +27,7 @@ import torch
 
 import vtprune
 from vtprune import reference, similarity
+from vtprune._verify import check_scope_picks
 from vtprune.similarity import SCOPE_FP32_MAX_N, scope_similarity, scope_similarity_dtype, scope_storage_groups
 from vtprune.torch_backend import scope as torch_scope
 from conftest import assert_valid_selection, kernel_devices, np_cosine, np_weights, triton_kernel_module
@@ -271,7 +272,9 @@ def test_triton_mixed_batch_uses_each_images_storage(device, monkeypatch):
     assert spy.calls == [(2, 31, torch.float32), (1, 50, torch.float16)]
     for b, nb in enumerate(lengths):
         alone = vtprune.fused_scope_select(tokens[b, :nb], saliency[b, :nb], 12, 1.0, sorted=False, backend="triton")
-        assert torch.equal(got[b], alone), b
+        # equal, or (image 1: its group is padded to 31 tokens, and a GPU's GEMM may round that S
+        # differently from the 20-token one) equal up to a near-tie
+        check_scope_picks(got[b].tolist(), alone.tolist(), tokens[b, :nb].cpu(), saliency[b, :nb].cpu(), 1.0, "mul")
     assert spy.calls[-3:] == [(1, 50, torch.float16), (1, 20, torch.float32), (1, 31, torch.float32)]
     # packed sequences: the same groups, the same picks
     cu = torch.tensor([0, 50, 70, 101], dtype=torch.int32, device=device)
