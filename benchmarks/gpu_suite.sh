@@ -20,6 +20,8 @@
 # A session whose commands are time-limited runs the steps over several calls, e.g.
 # `build info tests`, then `build sanitizer`, then `build bench` (build is incremental), and
 # copies the OUT_DIRs into one folder; `gpu_suite.sh FOLDER summary` then writes one summary.
+# Give such calls a STEP_TIMEOUT below the call limit (e.g. 420 under a 600 s limit), so a slow
+# step still leaves its log, its steps.md line and the summary.
 # Each step logs to OUT_DIR/<step>.log and its result line to OUT_DIR/steps.md. STEP_TIMEOUT
 # (seconds, default none) stops a step that runs longer, so one slow step cannot use up a call.
 # Exit status: non-zero if any step failed; every named step runs regardless.

@@ -500,6 +500,47 @@ def test_alvts_half_ratio_routes_floor_half_of_the_visual_tokens(llava3):
             assert not torch.allclose(hs[i + 1][visual & ~pruned], hs[i][visual & ~pruned])
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_alvts_routed_tokens_equal_the_layer_on_their_subsequence(llava3, attn):
+    """At ratio 0.5, each routed layer's output at the routed tokens (text + kept visual,
+    real tokens of a left-padded row) equals the layer run on that sub-sequence alone with
+    the tokens' original rotary positions (``cumsum(mask) - 1``) and a plain causal mask;
+    pruned visual tokens skip it unchanged. Catches what the selection and ratio-1 checks
+    cannot: RoPE ``(cos, sin)`` or the mask cut down wrongly for the shorter sequence."""
+    model = llava3
+    if attn == "eager":
+        model = copy.deepcopy(llava3)
+        model.set_attn_implementation("eager")
+    lm = model.model.language_model
+    inputs = _alvts_batch()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    visual = ids == IMG
+    with apply_layerwise(model, lowrank_selectors(model, rank=4), ratio=0.5) as routing:
+        hs = model(**inputs, output_hidden_states=True).hidden_states
+    assert mask[0].sum() < mask.shape[1]  # row 0 is padded
+    for i in range(len(lm.layers)):
+        for b in range(2):
+            routed = ~visual[b]
+            routed[routing.kept[i][b]] = True
+            idx = (routed & mask[b].bool()).nonzero().flatten()
+            pos = (mask[b].cumsum(0) - 1)[idx][None]
+            sub = hs[i][b : b + 1, idx]
+            n = len(idx)
+            causal = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
+            if attn == "eager":
+                causal = torch.zeros(1, 1, n, n).masked_fill(~causal, torch.finfo(torch.float32).min)
+            out = lm.layers[i](sub, attention_mask=causal, position_embeddings=lm.rotary_emb(sub, pos), position_ids=pos)
+            out = out[0] if isinstance(out, tuple) else out
+            if i == len(lm.layers) - 1:
+                out = lm.norm(out)  # the last hidden state is after the final norm
+            else:
+                pruned = visual[b] & ~routed
+                assert torch.equal(hs[i + 1][b, pruned], hs[i][b, pruned])  # skipped the layer unchanged
+            # fp32 hidden states of ~0.1 (~4 after the final norm) agree to ~4e-9 (~2e-7); ATOL is slack,
+            # while RoPE positions shifted to 0..L'-1 already move layer 0 by ~1.5e-4
+            torch.testing.assert_close(out[0], hs[i + 1][b, idx], atol=ATOL, rtol=0, msg=lambda m: f"layer {i} row {b}: {m}")
+
+
 def test_alvts_on_pruned_inputs_uses_the_visual_mask(llava3):
     inputs = _alvts_batch()
     pruned, info = prune_inputs(llava3, keep=6, return_info=True, **inputs)
