@@ -98,6 +98,50 @@ def test_differentiable_scores_match_alvts_scores_and_reach_every_factor():
         assert p.grad is not None and bool(p.grad.abs().sum() > 0), name
 
 
+def test_padding_is_neither_query_nor_key():
+    """With ``attention_mask``, a row padded on the left or on the right (padding filled with
+    large junk) scores exactly as the row alone; an unpadded row beside it is unaffected."""
+    layer = _Layer(103)
+    x, mask = layer.data(2)
+    sel = layer.svd_selector()
+    g = torch.Generator().manual_seed(5)
+    pad = 5
+    junk = 10 * torch.randn(1, pad, D, generator=g)
+    other = torch.randn(1, L + pad, D, generator=g) @ layer.mix  # the unpadded row of the batch
+    other_mask = torch.zeros(1, L + pad, dtype=torch.bool)
+    other_mask[:, 2 : 2 + N] = True
+    no, yes = torch.zeros(1, pad, dtype=torch.long), torch.ones(1, L, dtype=torch.long)
+    for backend in ("reference", "torch"):
+        alone = vtprune.alvts_scores(x[:1], sel, mask[:1], backend=backend)
+        want_other = vtprune.alvts_scores(other, sel, other_mask, backend=backend)
+        for left in (True, False):
+            row = torch.cat([junk, x[:1]] if left else [x[:1], junk], dim=1)
+            row_mask = torch.cat([no.bool(), mask[:1]] if left else [mask[:1], no.bool()], dim=1)
+            am = torch.cat([no, yes] if left else [yes, no], dim=1)
+            got = vtprune.alvts_scores(
+                torch.cat([row, other]), sel, torch.cat([row_mask, other_mask]),
+                attention_mask=torch.cat([am, torch.ones_like(am)]), backend=backend,
+            )
+            torch.testing.assert_close(got[0], alone[0], rtol=1e-5, atol=1e-9, msg=lambda m: f"{backend} left={left}: {m}")
+            torch.testing.assert_close(got[1], want_other[0], rtol=1e-5, atol=1e-9)
+            counted = vtprune.alvts_scores(row[0], sel, row_mask[0], backend=backend)  # unbatched, padding counted
+            assert not torch.allclose(counted, alone[0], rtol=1e-3), "the junk must matter without the mask"
+        torch.testing.assert_close(  # no padding: the same as no mask, causal or not
+            vtprune.alvts_scores(x, sel, mask, attention_mask=torch.ones(2, L), causal=False, backend=backend),
+            vtprune.alvts_scores(x, sel, mask, causal=False, backend=backend),
+        )
+    am = torch.ones(2, L, dtype=torch.long)
+    am[0, PRE] = 0
+    with pytest.raises(ValueError, match="marks a padding position"):
+        vtprune.alvts_scores(x, sel, mask, attention_mask=am)
+    am[0, PRE] = 1
+    am[0, 0] = 0
+    with pytest.raises(ValueError, match="needs causal=True"):
+        vtprune.alvts_scores(x, sel, mask, attention_mask=am, causal=False)
+    with pytest.raises(ValueError, match=r"attention_mask must have shape \(2, %d\)" % L):
+        vtprune.alvts_scores(x, sel, mask, attention_mask=am[:, 1:])
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_svd_factors_find_most_of_the_oracle_top_k(causal):
     # Rank 8 of 64 with the spectrum above keeps the logits' dominant directions, so the SVD

@@ -489,7 +489,9 @@ def test_alvts_half_ratio_routes_floor_half_of_the_visual_tokens(llava3):
         assert kept.shape == (2, math.floor(0.5 * 16))
         assert bool(visual.gather(1, kept).all()) and bool((kept.diff(dim=-1) > 0).all())
         # the selection is the layer's top-k of its ALVTS scores on the layer's normalized input
-        scores = vtprune.alvts_scores(layers[i].input_layernorm(hs[i]), selectors[i], visual, backend="reference")
+        scores = vtprune.alvts_scores(
+            layers[i].input_layernorm(hs[i]), selectors[i], visual, attention_mask=inputs["attention_mask"], backend="reference"
+        )
         top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :8]
         pos = torch.stack([visual[b].nonzero().flatten() for b in range(2)])
         assert torch.equal(kept, pos.gather(1, top).sort(-1).values)
@@ -539,6 +541,33 @@ def test_alvts_routed_tokens_equal_the_layer_on_their_subsequence(llava3, attn):
             # fp32 hidden states of ~0.1 (~4 after the final norm) agree to ~4e-9 (~2e-7); ATOL is slack,
             # while RoPE positions shifted to 0..L'-1 already move layer 0 by ~1.5e-4
             torch.testing.assert_close(out[0], hs[i + 1][b, idx], atol=ATOL, rtol=0, msg=lambda m: f"layer {i} row {b}: {m}")
+
+
+def test_alvts_padding_leaves_the_scores_and_picks_of_a_row_unchanged(llava3, monkeypatch):
+    """A left-padded row routes the same tokens, on the same scores, as the row alone: the
+    scores leave padding out as queries and keys (alvts_scores' attention_mask)."""
+    from vtprune.integrations.transformers import alvts as routing_module
+
+    captured = []
+    scores_fn = routing_module.alvts_scores
+    monkeypatch.setattr(routing_module, "alvts_scores", lambda *a, **kw: captured.append(scores_fn(*a, **kw)) or captured[-1])
+    selectors = lowrank_selectors(llava3, rank=4)
+    inputs = _alvts_batch()
+    real = inputs["attention_mask"][0].bool()
+    alone = {"input_ids": inputs["input_ids"][:1, real], "attention_mask": inputs["attention_mask"][:1, real],
+             "pixel_values": inputs["pixel_values"][:1]}
+    runs = []
+    for call in (inputs, alone):
+        captured.clear()
+        with apply_layerwise(llava3, selectors, ratio=0.5) as routing:
+            llava3(**call)
+        runs.append((list(captured), dict(routing.kept)))
+    (batch_scores, batch_kept), (alone_scores, alone_kept) = runs
+    pad = int((~real).sum())
+    assert pad > 0 and len(batch_scores) == len(alone_scores) == 3
+    for i in range(3):
+        torch.testing.assert_close(batch_scores[i][0], alone_scores[i][0], rtol=1e-4, atol=1e-9, msg=lambda m: f"layer {i}: {m}")
+        assert torch.equal(batch_kept[i][0] - pad, alone_kept[i][0]), i
 
 
 def test_alvts_on_pruned_inputs_uses_the_visual_mask(llava3):

@@ -117,13 +117,19 @@ def _check_hidden_and_mask(hidden: Any, visual_mask: Any, *, same_count: bool = 
     return x, mask, unbatched
 
 
-def _scores_from_qk(q: Tensor, k: Tensor, mask: Tensor, causal: bool, scale: float, importance: _ImportanceFn) -> Tensor:
+def _scores_from_qk(
+    q: Tensor, k: Tensor, mask: Tensor, causal: bool, scale: float, importance: _ImportanceFn, real: Tensor | None = None
+) -> Tensor:
     """SPEC §3's score from projected ``q``/``k`` and a validated ``mask [B, L]``: ``[B, N]``.
 
     ``S(i) = S_v2v(i) * S_t2v(i)``: the mean attention visual token ``i`` receives from the
     visual queries (group 0) times that from the text queries (group 1), at the visual columns.
+    ``real`` (bool ``[B, L]``, padding last: see :func:`_padding_last`) leaves padding out of
+    the queries; with the causal mask no real query reaches a key after it.
     """
     groups = torch.where(mask, 0, 1).to(torch.int64)  # group 0: visual queries, 1: text queries
+    if real is not None:
+        groups = groups.masked_fill(~real, -1)  # padding asks nothing
     imp = importance(q, k, groups, 2, causal, scale)
     score = imp[:, 0] * imp[:, 1]
     return score[mask].view(mask.shape[0], -1)
@@ -145,11 +151,32 @@ def _alvts_scores_differentiable(x: Tensor, selector: LowRankSelector, mask: Ten
     return _scores_from_qk(q, k, mask, causal, selector.head_dim ** -0.5, _torch_importance)
 
 
+def _padding_last(x: Tensor, mask: Tensor, attention_mask: Any, causal: bool, unbatched: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``x``, ``mask`` and the bool ``real`` tokens with each row's padding moved behind its real
+    tokens (their order kept), so that under the causal mask no real query attends to padding:
+    the scores are then those of the row alone, left or right padded. One gather."""
+    V.check_tensor(attention_mask, "attention_mask")
+    am = attention_mask.unsqueeze(0) if unbatched and attention_mask.dim() == 1 else attention_mask
+    if tuple(am.shape) != tuple(mask.shape):
+        raise ValueError(f"attention_mask must have shape {tuple(mask.shape)} to match hidden; got {tuple(attention_mask.shape)}")
+    V.check_same_device(am, "attention_mask", x, "hidden")
+    real = am != 0
+    if V.eager():
+        if bool((mask & ~real).any()):
+            raise ValueError("visual_mask marks a padding position (attention_mask 0) as a visual token")
+        if not causal and not bool(real.all()):
+            raise ValueError("attention_mask with padding needs causal=True (without the causal mask padding keys would be seen)")
+    order = torch.sort((~real).to(torch.int8), dim=-1, stable=True).indices  # real tokens first, in order
+    x = torch.gather(x, 1, order[..., None].expand(-1, -1, x.shape[-1]))
+    return x, torch.gather(mask, 1, order), torch.gather(real, 1, order)
+
+
 def alvts_scores(
     hidden: Tensor,
     selector: LowRankSelector,
     visual_mask: Tensor,
     *,
+    attention_mask: Tensor | None = None,
     causal: bool = True,
     backend: str = "auto",
 ) -> Tensor:
@@ -160,6 +187,9 @@ def alvts_scores(
         selector: the layer's :class:`LowRankSelector`.
         visual_mask: bool ``[B, L]`` or ``[L]``, True at visual tokens; every image must
             have the same number ``N`` of them.
+        attention_mask: optional ``[B, L]`` (``[L]``) padding mask as the model takes it, 0 at
+            padding, left or right: padding tokens are then neither queries nor keys, so a
+            padded row scores as it would alone. Needs ``causal=True``.
         causal: apply the LLM's causal mask.
         backend: as in :func:`vtprune.fused_scope_select`.
 
@@ -168,8 +198,11 @@ def alvts_scores(
         (the custom op has no autograd); :func:`calibrate_lowrank` uses a differentiable path.
     """
     x, mask, unbatched = _check_hidden_and_mask(hidden, visual_mask)
+    real = None
+    if attention_mask is not None:
+        x, mask, real = _padding_last(x, mask, attention_mask, causal, unbatched)
     q, k = selector.project(x)
-    out = _scores_from_qk(q, k, mask, causal, selector.head_dim ** -0.5, _op_importance(backend))
+    out = _scores_from_qk(q, k, mask, causal, selector.head_dim ** -0.5, _op_importance(backend), real)
     return out[0] if unbatched else out
 
 

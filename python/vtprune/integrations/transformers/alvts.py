@@ -114,6 +114,7 @@ class LayerwiseRouting:
         self.visual_mask: Tensor | None = None
         self.kept: dict[int, Tensor] = {}
         self._current: Tensor | None = None
+        self._padding: Tensor | None = None
         self._padded = False
         self._shortened = False  # the cache's prefill routed fewer than all visual tokens
         self._unrouted = any(selector is None for selector in selectors)
@@ -187,6 +188,8 @@ class LayerwiseRouting:
                 "(a selector for each) or use attn_implementation='sdpa'"
             )
         self._current = mask
+        # the 2-D padding mask of the call, for the scores: padding is neither query nor key there
+        self._padding = attention_mask if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 else None
 
     def _attn_implementation(self) -> str | None:
         """The decoder's attention implementation, read per call (``set_attn_implementation`` may change it)."""
@@ -214,7 +217,9 @@ class LayerwiseRouting:
             n = int(mask[0].sum())
             k = math.floor(self.ratio * n)
             normed = layer.input_layernorm(hidden_states)
-            scores = alvts_scores(normed, selector, mask, causal=True, backend=self.backend)  # [B, N]
+            pad = self._padding
+            pad = pad.to(mask.device) if pad is not None and tuple(pad.shape) == tuple(mask.shape) else None
+            scores = alvts_scores(normed, selector, mask, attention_mask=pad, causal=True, backend=self.backend)  # [B, N]
             top = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices[:, :k]
             visual_pos = torch.sort((~mask).to(torch.int8), dim=-1, stable=True).indices[:, :n]  # visual positions, in order
             keep_idx = torch.gather(visual_pos, 1, top).sort(dim=-1).values
