@@ -149,15 +149,21 @@ def test_svd_factors_find_most_of_the_oracle_top_k(causal):
     # runs (12 seeds x 2 data draws, 32 images each): non-causal 0.61-0.76 (random rank-8
     # factors of another layer 0.33-0.44, chance K/N = 0.25); causal 0.82-0.90, but there the
     # causal mask's positional prior (early tokens are seen by more queries) already gives random
-    # factors 0.74-0.84, so the non-causal case is the one that tests the content.
+    # factors 0.74-0.84. So there the SVD must beat the best of four random factor pairs on the
+    # same data (seeds 0 / 1 / 2: 0.862 / 0.857 / 0.875 against at most 0.779 / 0.799 / 0.846).
     layer = _Layer(0)
     x, mask = layer.data(32)
     oracle = layer.full(x, visual_mask=mask, causal=causal)
     svd = _topk_overlap(vtprune.alvts_scores(x, layer.svd_selector(), mask, causal=causal), oracle)
-    other = vtprune.LowRankSelector.from_weights(_weight(layer.g), _weight(layer.g), RANK, head_dim=HEAD_DIM, num_heads=HEADS)
-    rand = _topk_overlap(vtprune.alvts_scores(x, other, mask, causal=causal), oracle)
+
+    def random_overlap() -> float:
+        other = vtprune.LowRankSelector.from_weights(_weight(layer.g), _weight(layer.g), RANK, head_dim=HEAD_DIM, num_heads=HEADS)
+        return _topk_overlap(vtprune.alvts_scores(x, other, mask, causal=causal), oracle)
+
+    rand = random_overlap()
     if causal:
-        assert svd >= 0.75, (svd, rand)
+        best_random = max([rand] + [random_overlap() for _ in range(3)])
+        assert svd >= 0.75 and svd >= best_random + 0.04, (svd, best_random)
     else:
         assert svd >= 0.55, (svd, rand)
         assert svd >= rand + 0.15, (svd, rand)
