@@ -19,6 +19,7 @@ import math
 import pytest
 import torch
 
+import vtprune
 from vtprune import reference
 from vtprune.torch_backend import OPS
 from vtprune.torch_backend import attention as attention_mod
@@ -572,3 +573,11 @@ def test_attention_importance_no_queries_at_all():
     got = OPS["attention_importance"](q, q, torch.full((1, 5), -1), 2, True, 0.5, 0, 5)
     assert torch.equal(got, torch.zeros(1, 2, 5))
     assert not math.isnan(float(got.sum()))
+
+
+def test_attention_importance_default_groups_when_every_query_is_ignored():
+    """Ids all -1: the default G is at least 1 (one group of zeros), not an error."""
+    q = torch.randn(2, 2, 5, 4)
+    for backend in ("reference", "torch"):
+        got = vtprune.attention_importance(q, q, torch.full((2, 5), -1), backend=backend)
+        assert torch.equal(got, torch.zeros(2, 1, 5)), backend

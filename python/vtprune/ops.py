@@ -588,7 +588,7 @@ def attention_importance(
         q: ``[B, Hq, L, d]`` queries, ``d >= 1``.
         k: ``[B, Hk, L, d]`` keys, ``Hq >= 1`` a multiple of ``Hk`` (grouped-query attention).
         query_groups: int ``[B, L]``, the group id of each query; -1 leaves it out.
-        num_groups: ``G``; default the largest id + 1 (pass it to avoid a device sync).
+        num_groups: ``G``; default the largest id + 1, at least 1 (pass it to avoid a device sync).
         causal: keys after the query get no attention.
         scale: logit scale, default ``1 / sqrt(d)``.
         key_range: ``(start, end)`` keys to report; default all ``L``.
@@ -618,7 +618,8 @@ def attention_importance(
         raise ValueError(f"query_groups must be an int tensor of shape [B, L] = ({b}, {length}); got {query_groups.dtype} {tuple(query_groups.shape)}")
     V.check_same_device(query_groups, "query_groups", q, "q")
     if num_groups is None:
-        num_groups = int(query_groups.max()) + 1 if query_groups.numel() else 1
+        # at least one group: ids all -1 (no query counted) give one group of zeros, not an error
+        num_groups = max(int(query_groups.max()) + 1, 1) if query_groups.numel() else 1
     num_groups = V.check_int(num_groups, "num_groups")
     if num_groups < 1:
         raise ValueError(f"num_groups must be >= 1; got {num_groups}")
