@@ -6,7 +6,9 @@
 #              setuptools, wheel, cmake and pybind11 must already be installed, as torch is)
 #   info       `vtprune info`
 #   tests      the whole test suite with the GPU tests on (pytest-xdist spreads it over
-#              $PYTEST_WORKERS workers, default 8, when it is installed)
+#              $PYTEST_WORKERS workers, default the CPU count up to 16, when it is installed;
+#              $PYTEST_ARGS adds options, e.g. PYTEST_ARGS='-k "not emu"' leaves out the CUDA
+#              emulator's runs of the kernel tests, which CI already makes, when time is short)
 #   sanitizer  compute-sanitizer memcheck (CUDA and Triton kernels), racecheck and synccheck (CUDA
 #              kernels) over benchmarks/sanitizer_driver.py
 #              (or one of them: sanitizer-memcheck, sanitizer-racecheck, sanitizer-synccheck)
@@ -131,7 +133,10 @@ write_env
 sanitizer=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
 
 pytest_args=(-q)
-if $py -c "import xdist" 2>/dev/null; then pytest_args+=(-n "${PYTEST_WORKERS:-8}"); fi
+cpus=$(nproc 2>/dev/null || echo 8)
+if $py -c "import xdist" 2>/dev/null; then pytest_args+=(-n "${PYTEST_WORKERS:-$(( cpus < 16 ? cpus : 16 ))}"); fi
+# word-split on purpose (quoted words stay whole through eval): PYTEST_ARGS='-k "not emu"'
+[ -n "${PYTEST_ARGS:-}" ] && eval "pytest_args+=($PYTEST_ARGS)"
 plots=0
 $py -c "import matplotlib" 2>/dev/null && plots=1
 

@@ -383,6 +383,36 @@ def test_gpu_suite_without_gpu_says_so(tmp_path):
     assert "no usable GPU" in result.stderr
 
 
+def test_gpu_suite_command_lines(tmp_path):
+    """The tests and sanitizer steps' commands, run against a stand-in python (which answers the
+    GPU probe and logs every call) and compute-sanitizer, so no GPU is needed."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    fake_python = bin_dir / "fakepy"
+    fake_python.write_text(
+        "#!/usr/bin/env bash\n"
+        f'{{ printf python; printf " [%s]" "$@"; echo; }} >> {log}\n'
+        'case "$*" in *get_device_capability*) echo 90 ;; esac\n'
+    )
+    sanitizer = bin_dir / "compute-sanitizer"
+    sanitizer.write_text(f'#!/usr/bin/env bash\necho "sanitizer caching_off=$PYTORCH_NO_CUDA_MEMORY_CACHING $*" >> {log}\n')
+    for f in (fake_python, sanitizer):
+        f.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHON": str(fake_python), "PATH": f"{bin_dir}:{os.environ['PATH']}",
+           "PYTEST_WORKERS": "3", "PYTEST_ARGS": '-k "not emu" -x'}
+    result = subprocess.run(["bash", str(GPU_SUITE), str(out), "tests", "sanitizer-memcheck", "sanitizer-racecheck"],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    calls = log.read_text().splitlines()
+    assert "python [-m] [pytest] [-q] [-n] [3] [-k] [not emu] [-x] [tests]" in calls, calls  # words kept whole
+    assert f"sanitizer caching_off=1 --tool memcheck --error-exitcode 1 {fake_python} benchmarks/sanitizer_driver.py --triton" in calls
+    assert f"sanitizer caching_off=1 --tool racecheck --error-exitcode 1 {fake_python} benchmarks/sanitizer_driver.py" in calls
+    steps = (out / "steps.md").read_text()
+    assert "| tests | pass |" in steps and "| sanitizer-racecheck | pass |" in steps
+
+
 def test_gpu_suite_summary_merges_the_steps_of_several_calls(tmp_path):
     # What two time-limited calls leave in one folder once copied together.
     (tmp_path / "env.md").write_text("- device: NVIDIA Test GPU, 1.0\n")
