@@ -402,15 +402,19 @@ def test_gpu_suite_command_lines(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "PYTHON": str(fake_python), "PATH": f"{bin_dir}:{os.environ['PATH']}",
            "PYTEST_WORKERS": "3", "PYTEST_ARGS": '-k "not emu" -x'}
-    result = subprocess.run(["bash", str(GPU_SUITE), str(out), "tests", "sanitizer-memcheck", "sanitizer-racecheck"],
+    steps = ["build", "tests", "sanitizer-memcheck", "sanitizer-racecheck", "bench-scope", "bench-host"]
+    result = subprocess.run(["bash", str(GPU_SUITE), str(out), *steps],
                             capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     calls = log.read_text().splitlines()
     assert "python [-m] [pytest] [-q] [-n] [3] [-k] [not emu] [-x] [tests]" in calls, calls  # words kept whole
     assert f"sanitizer caching_off=1 --tool memcheck --error-exitcode 1 {fake_python} benchmarks/sanitizer_driver.py --triton" in calls
     assert f"sanitizer caching_off=1 --tool racecheck --error-exitcode 1 {fake_python} benchmarks/sanitizer_driver.py" in calls
-    steps = (out / "steps.md").read_text()
-    assert "| tests | pass |" in steps and "| sanitizer-racecheck | pass |" in steps
+    assert "python [-m] [pip] [install] [--no-build-isolation] [--no-deps] [-e] [.] [-v]" in calls
+    assert f"python [benchmarks/run.py] [--op] [scope] [--out] [{out}] [--plot] [{out}/scope.png]" in calls
+    assert "python [benchmarks/host_overhead.py] [--mode] [gpu]" in calls
+    table = (out / "steps.md").read_text()
+    assert all(f"| {step} | pass |" in table for step in steps), table
 
 
 def test_gpu_suite_summary_merges_the_steps_of_several_calls(tmp_path):
