@@ -704,32 +704,38 @@ def test_cuda_graph_capture_and_replay(n):
 
 
 @needs_gpu
-def test_varlen_cuda_graph_with_max_seqlen():
-    """With max_seqlen and an int k the varlen op reads nothing from the device, so it captures;
-    cu_seqlens (and so the lengths) may change between replays, within the bound."""
+@pytest.mark.parametrize("per_seq_k", [False, True], ids=["k-int", "k-tensor+total_k"])
+def test_varlen_cuda_graph_with_max_seqlen(per_seq_k):
+    """With max_seqlen, and an int k (or per-sequence budgets with total_k), the varlen op reads
+    nothing from the device, so it captures; cu_seqlens (and so the lengths) and the budgets may
+    change between replays, within the bound and the total."""
     static_x, static_s = _data(1, 300, 16, seed=4, device="cuda")
     static_x, static_s = static_x[0], static_s[0]
     static_cu = torch.tensor([0, 97, 300], dtype=torch.int32, device="cuda")
-    kw = dict(sorted=True, backend="cuda", max_seqlen=250)
+    static_k = torch.tensor([5, 13], device="cuda") if per_seq_k else 9
+    kw = dict(sorted=True, backend="cuda", max_seqlen=250, **({"total_k": 18} if per_seq_k else {}))
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(2):
-            vtprune.scope_select_varlen(static_x, static_s, static_cu, 9, **kw)
+            vtprune.scope_select_varlen(static_x, static_s, static_cu, static_k, **kw)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_idx, static_cu_k = vtprune.scope_select_varlen(static_x, static_s, static_cu, 9, **kw)
-    for seed, split in ((5, 50), (6, 211)):
+        static_idx, static_cu_k = vtprune.scope_select_varlen(static_x, static_s, static_cu, static_k, **kw)
+    for seed, split, ks in ((5, 50, [11, 7]), (6, 211, [9, 9])):
         x, s = _data(1, 300, 16, seed=seed, device="cuda")
         cu = torch.tensor([0, split, 300], dtype=torch.int32, device="cuda")
         static_x.copy_(x[0])
         static_s.copy_(s[0])
         static_cu.copy_(cu)
+        k = torch.tensor(ks, device="cuda") if per_seq_k else 9
+        if per_seq_k:
+            static_k.copy_(k)
         graph.replay()
         torch.cuda.synchronize()
         # the same padded width outside the graph: cuBLAS may round another width's S differently
-        want, want_cu_k = vtprune.scope_select_varlen(x[0], s[0], cu, 9, **kw)
+        want, want_cu_k = vtprune.scope_select_varlen(x[0], s[0], cu, k, **kw)
         assert torch.equal(static_idx, want) and torch.equal(static_cu_k, want_cu_k)
 
 

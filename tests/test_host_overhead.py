@@ -140,9 +140,13 @@ def _gpu_path_calls(backend: str):
     q = torch.full((2, 4), 2)
     packed, sal_packed = x.reshape(64, 16), s.reshape(64)
     cu = torch.tensor([0, 32, 64], dtype=torch.int32)
+    ks = torch.tensor([8, 5])
     calls = {
         "fused_scope_select": lambda: vtprune.fused_scope_select(x, s, 8, backend=backend),
         "scope_select_varlen+max_seqlen": lambda: vtprune.scope_select_varlen(packed, sal_packed, cu, 8, max_seqlen=32, backend=backend),
+        "scope_select_varlen+k tensor+max_seqlen+total_k": lambda: vtprune.scope_select_varlen(
+            packed, sal_packed, cu, ks, max_seqlen=32, total_k=13, backend=backend
+        ),
         "fused_scope_select+lengths": lambda: vtprune.fused_scope_select(x, s, 8, lengths=lengths, backend=backend),
         "holov_select": lambda: vtprune.holov_select(x, s, 8, backend=backend),
         "holov_select+lengths": lambda: vtprune.holov_select(x, s, 8, lengths=lengths, num_crops=2, backend=backend),
@@ -165,12 +169,13 @@ def test_no_sync_on_gpu_paths(stubbed, device_side_values):
 
 
 def test_varlen_syncs_once_without_its_shapes(stubbed, device_side_values):
-    """Without max_seqlen (or with per-sequence budgets), the padded batch's size is read from the
-    device in one ``tolist`` of three values; the sync check above would see it."""
+    """Without max_seqlen (or with per-sequence budgets and no total_k), the padded batch's size is
+    read from the device in one ``tolist`` of three values; the sync check above would see it."""
     x, s = _scope_inputs(batch=2)
     packed, sal_packed = x.reshape(64, 16), s.reshape(64)
     cu = torch.tensor([0, 32, 64], dtype=torch.int32)
-    for kw in ({"k": 8}, {"k": torch.tensor([8, 5]), "max_seqlen": 32}):
+    ks = torch.tensor([8, 5])
+    for kw in ({"k": 8}, {"k": ks, "max_seqlen": 32}, {"k": ks, "total_k": 13}):
         k = kw.pop("k")
         names = top_level_ops(lambda: vtprune.scope_select_varlen(packed, sal_packed, cu, k, backend=stubbed, **kw))
         assert names.count("resolve_conj") == 1 and names.count("resolve_neg") == 1, names

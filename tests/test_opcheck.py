@@ -44,6 +44,7 @@ def _samples():
         "scope_select_varlen": [
             (_randn(13, 4), _rand(13), torch.tensor([0, 4, 13], **I64), torch.tensor([2, 5], **I64), 1.0, "mul", True),
             (_randn(13, 4), _rand(13), torch.tensor([0, 4, 13], **I64), torch.tensor([3, 3], **I64), 0.5, "add", False),
+            (_randn(13, 4), _rand(13), torch.tensor([0, 4, 13], **I64), torch.tensor([4, 2], **I64), 1.0, "mul", False),
         ],
         "holov_select": [
             (x, s, 4, None, 0.09, "attn", None, True),
@@ -70,7 +71,10 @@ def _samples():
 SAMPLES = _samples()
 
 #: Keyword arguments after the backend, per (op, sample index): the varlen shape hints.
-SAMPLE_KWARGS = {("scope_select_varlen", 1): {"max_seqlen": 11, "k_uniform": 3}}
+SAMPLE_KWARGS = {
+    ("scope_select_varlen", 1): {"max_seqlen": 11, "k_uniform": 3},
+    ("scope_select_varlen", 2): {"max_seqlen": 9, "total_k": 6},
+}
 
 
 def _registered_ops() -> set[str]:
@@ -239,6 +243,17 @@ def test_compile_fullgraph_varlen_static_size():
     eager = fn(x, s)
     _assert_same(torch.compile(fn, fullgraph=True, backend=record)(x, s), eager)
     assert sizes == [(6,)]
+    # per-sequence budgets with their sum given: static too
+    torch._dynamo.reset()
+    sizes.clear()
+    ks = torch.tensor([2, 5], device=DEVICE)
+
+    def fn_k(x, s):
+        idx, cu_k = vtprune.scope_select_varlen(x, s, cu, ks, max_seqlen=7, total_k=7)
+        return idx, cu_k, x[idx]
+
+    _assert_same(torch.compile(fn_k, fullgraph=True, backend=record)(x, s), fn_k(x, s))
+    assert sizes == [(7,)]
 
 
 def test_compile_inductor_scope():

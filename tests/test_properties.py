@@ -185,6 +185,8 @@ def test_varlen_equals_per_sequence_calls(backend, seed, seqlens, d, alpha, comb
     # the FlashAttention-style bound on the lengths: absent, exact, or loose
     max_seqlen = data.draw(st.sampled_from([None, max(seqlens), max(seqlens) + 3]), label="max_seqlen")
     hint = {"max_seqlen": max_seqlen}
+    if data.draw(st.booleans(), label="total_k"):  # the output length, given
+        hint["total_k"] = sum(ks)
     idx, cu_k = vtprune.scope_select_varlen(x, s, cu, k_arg, alpha, combine=combine, sorted=False, backend=backend, **hint)
     assert idx.dtype == torch.int64 and idx.shape == (sum(ks),)
     assert cu_k.dtype == cu_dtype and cu_k.tolist() == [0] + np.cumsum(ks).tolist()

@@ -307,6 +307,40 @@ def test_varlen_bad_max_seqlen(max_seqlen, error, match):
         varlen(k=1, max_seqlen=max_seqlen)
 
 
+@pytest.mark.parametrize(
+    "k,total_k,error,match",
+    [(1, 3, ValueError, "sum\\(k\\) = 2; got 3"), (_ints([2, 3]), 4, ValueError, "sum\\(k\\) = 5; got 4"),
+     (_ints([2, 3]), -1, ValueError, ">= 0"), (1, 2.0, TypeError, "int"), (1, True, TypeError, "int")],
+    ids=["int-k", "k-tensor", "neg", "float", "bool"],
+)
+def test_varlen_bad_total_k(k, total_k, error, match):
+    # two sequences (3 and 4 tokens)
+    with pytest.raises(error, match=f"total_k.*{match}"):
+        varlen(k=k, total_k=total_k)
+
+
+@pytest.mark.parametrize("backend", backend_params("scope_select_varlen"))
+def test_varlen_wrong_total_k_unchecked_stays_in_bounds(backend):
+    """Where the budgets are not read (GPU tensors, no check_values), a total_k other than sum(k)
+    is not caught; the output then has total_k indices, wrong but each inside the sequence it is
+    listed under (never an index a later gather would read out of bounds)."""
+    if backend in ("torch", "reference"):
+        pytest.skip("these always read the budgets (tested above)")
+    from vtprune.bench.host_stubs import device_side_values
+
+    x, s = _tok(12, 4), _sal(12)
+    cu, ks = _ints([0, 3, 12], torch.int32), _ints([2, 4])
+    for total in (4, 6, 9):
+        with device_side_values():
+            idx, cu_k = vtprune.scope_select_varlen(x, s, cu, ks, max_seqlen=9, total_k=total, sorted=False, backend=backend)
+        assert idx.shape == (total,) and cu_k.tolist() == [0, 2, 6]
+        assert bool(((idx >= 0) & (idx < 12)).all()), idx
+        assert all(0 <= v < 3 for v in idx[:2].tolist()) and all(3 <= v < 12 for v in idx[2:].tolist()), idx
+        if total == 6:
+            want, _ = vtprune.scope_select_varlen(x, s, cu, ks, sorted=False, backend=backend)
+            assert torch.equal(idx, want)
+
+
 @pytest.mark.parametrize("backend", backend_params("scope_select_varlen"))
 def test_varlen_max_seqlen_below_longest_checked_or_cut(backend):
     """A bound below the longest sequence is an error wherever the offsets are read; on the GPU

@@ -411,6 +411,7 @@ def scope_select_varlen(
     sorted: bool = True,
     max_seqlen: int | None = None,
     k_uniform: int | None = None,
+    total_k: int | None = None,
     **blocks: int,
 ) -> tuple[Tensor, Tensor]:
     """SCOPE on packed sequences ``tokens [T, D]``, ``cu_seqlens [B+1]``, one ``k`` per sequence.
@@ -419,8 +420,8 @@ def scope_select_varlen(
     each image stopping after its own ``k_b`` picks. Returns ``(indices into T [sum k], cu_k [B+1])``,
     both int64. Inputs are expected validated (``cu_seqlens`` strictly increasing from 0 to ``T``,
     ``1 <= k_b <= seqlen_b``); bad values are clamped inside the kernel, never read out of bounds.
-    ``max_seqlen``/``k_uniform``: the output shapes, when known on the host (no device read then).
+    ``max_seqlen``/``k_uniform``/``total_k``: the output shapes, when known on the host (no device read then).
     """
     _check_tokens(tokens, 2, "[T, D]")
     padded_picks = bind_scope_picks(scope_picks, alpha, combine, blocks)
-    return select_packed(tokens, saliency, cu_seqlens, k_per_seq, sorted, padded_picks, max_seqlen, k_uniform)
+    return select_packed(tokens, saliency, cu_seqlens, k_per_seq, sorted, padded_picks, max_seqlen, k_uniform, total_k)

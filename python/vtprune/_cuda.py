@@ -479,18 +479,19 @@ def scope_select_varlen(
     sorted: bool = True,
     max_seqlen: int | None = None,
     k_uniform: int | None = None,
+    total_k: int | None = None,
     **options,
 ) -> tuple[Tensor, Tensor]:
     """SCOPE on packed CUDA sequences ``tokens [T, D]``, ``cu_seqlens [B+1]``, one ``k`` per sequence.
 
     Packed and unpacked exactly as the Triton backend does (:func:`vtprune._varlen.select_packed`).
-    ``max_seqlen``/``k_uniform``: the output shapes, when known on the host (no device read then).
+    ``max_seqlen``/``k_uniform``/``total_k``: the output shapes, when known on the host (no device read then).
     Returns ``(indices into T [sum k], cu_k [B+1])``, both int64. ``options`` are the test knobs of
     :func:`scope_picks`.
     """
     _check_tokens(tokens, 2, "[T, D]")
     padded_picks = bind_scope_picks(scope_picks, alpha, combine, options)
-    return select_packed(tokens, saliency, cu_seqlens, k_per_seq, sorted, padded_picks, max_seqlen, k_uniform)
+    return select_packed(tokens, saliency, cu_seqlens, k_per_seq, sorted, padded_picks, max_seqlen, k_uniform, total_k)
 
 
 # ----------------------------------------------------------------------------- HoloV

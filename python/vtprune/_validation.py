@@ -234,6 +234,25 @@ def check_k_per_seq(
     return ks
 
 
+def check_total_k(total_k: Any, k: Any, k_uniform: int | None, batch: int, check_values: bool) -> int | None:
+    """``total_k``: ``None``, or an int equal to ``sum(k)`` (``batch * k`` for an int ``k``, checked
+    always; against a ``k`` tensor where :func:`read_values` allows)."""
+    if total_k is None:
+        return None
+    total_k = check_int(total_k, "total_k")
+    if total_k < 0:
+        raise ValueError(f"total_k must be >= 0 (the sum of the budgets k); got {total_k}")
+    if k_uniform is not None:
+        want = batch * k_uniform
+    elif batch > 0 and read_values(k, check_values):
+        want = int(k.sum())
+    else:
+        return total_k
+    if total_k != want:
+        raise ValueError(f"total_k must equal sum(k) = {want}; got {total_k}")
+    return total_k
+
+
 def check_indices(
     indices: Any, batch: int, n: int, unbatched: bool, lengths: Tensor | None, device: torch.device, check_values: bool = False
 ) -> Tensor:

@@ -62,6 +62,7 @@ def select_packed(
     padded_picks: PaddedPicks,
     max_seqlen: int | None = None,
     k_uniform: int | None = None,
+    total_k: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run ``padded_picks`` on the packed sequences; ``(indices into T [sum k], cu_k [B+1])``, int64.
 
@@ -72,10 +73,13 @@ def select_packed(
     never read (they stop at ``lengths``).
 
     The output shapes come from the host: ``max_seqlen`` (an upper bound on the sequence lengths,
-    as in FlashAttention) and ``k_uniform`` (the one ``k`` of every sequence, when there is one).
-    What they leave unknown is read from the device in one small sync; with both given, nothing
-    is. A ``max_seqlen`` below the longest sequence cuts the longer ones to their first
-    ``max_seqlen`` tokens (the public op rejects it wherever it reads the offsets).
+    as in FlashAttention), and ``k_uniform`` (the one ``k`` of every sequence, when there is one)
+    or ``total_k`` (``sum(k)`` of per-sequence budgets; their widest row is then bounded by
+    ``max_seqlen``, since ``k_b <= seqlen_b``). What they leave unknown is read from the device
+    in one small sync; with ``max_seqlen`` and one of the others, nothing is. A ``max_seqlen``
+    below the longest sequence cuts the longer ones to their first ``max_seqlen`` tokens, and a
+    ``total_k`` other than ``sum(k)`` gives that many indices, wrong but never read out of bounds
+    (the public op rejects both wherever it reads the offsets and budgets).
     """
     device = tokens.device
     cu = as_int64_on(cu_seqlens, device)
@@ -84,8 +88,7 @@ def select_packed(
     if k_uniform is not None:
         cu_k = torch.arange(0, (batch + 1) * k_uniform, k_uniform, dtype=torch.int64, device=device)
     else:
-        cu_k = torch.zeros(batch + 1, dtype=torch.int64, device=device)
-        cu_k[1:] = ks.cumsum(0)
+        cu_k = torch.nn.functional.pad(ks.cumsum(0), (1, 0))  # [0, k_0, k_0 + k_1, ...]
     if batch == 0 or tokens.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=device), cu_k
     starts = cu[:-1, None]
@@ -97,13 +100,15 @@ def select_packed(
         lengths = lengths.clamp(max=max_len)
     if k_uniform is not None:
         k_max, total = k_uniform, batch * k_uniform
-    if max_seqlen is None or k_uniform is None:
+    elif total_k is not None and max_seqlen is not None:
+        k_max, total = max_len, total_k  # k_b <= seqlen_b <= max_len: rows padded to max_len
+    if max_seqlen is None or (k_uniform is None and total_k is None):
         # the one sync: whatever of the output shapes the host was not told
         read = [int(v) for v in torch.stack([lengths.max(), ks.max(), cu_k[-1]]).tolist()]
         if max_seqlen is None:
             max_len = read[0]
         if k_uniform is None:
-            k_max, total = read[1], read[2]
+            k_max, total = read[1], (read[2] if total_k is None else total_k)
     if max_len <= 0 or k_max <= 0 or total <= 0:
         return torch.empty(0, dtype=torch.int64, device=device), cu_k
     src = (starts + torch.arange(max_len, device=device)).clamp(0, tokens.shape[0] - 1)
@@ -114,5 +119,11 @@ def select_packed(
     # Sequence b's first k_b picks, packed, gathered without a boolean mask (no further sync).
     j = torch.arange(total, device=device)
     seq = torch.searchsorted(cu_k[1:], j, right=True)
-    indices = picks[seq, j - cu_k[seq]] + cu[seq]
+    offset = j - cu_k[seq]
+    if total_k is not None:
+        # An unchecked hint may not be sum(k): then stay inside each row's written picks (a
+        # repeat of its last one), so that every index still lies in its sequence.
+        seq = seq.clamp(max=batch - 1)
+        offset = torch.minimum(j - cu_k[seq], ks[seq].clamp(1, k_max) - 1).clamp_min(0)
+    indices = picks[seq, offset] + cu[seq]
     return indices, cu_k

@@ -111,16 +111,20 @@ def _scope_select_varlen_op(
     backend: str,
     max_seqlen: Optional[int] = None,
     k_uniform: Optional[int] = None,
+    total_k: Optional[int] = None,
 ) -> tuple[Tensor, Tensor]:
     _, impl = resolve("scope_select_varlen", backend, tokens.device, tokens.dtype)
-    indices, cu_k = impl(tokens, saliency, cu_seqlens, k_per_seq, alpha, combine, sorted, max_seqlen, k_uniform)
+    indices, cu_k = impl(tokens, saliency, cu_seqlens, k_per_seq, alpha, combine, sorted, max_seqlen, k_uniform, total_k)
     return indices, cu_k
 
 
 @_scope_select_varlen_op.register_fake
-def _(tokens, saliency, cu_seqlens, k_per_seq, alpha, combine, sorted, backend, max_seqlen=None, k_uniform=None):
-    # one k for every sequence: B * k picks; per-sequence budgets: their sum, known only at run time
-    total = torch.library.get_ctx().new_dynamic_size() if k_uniform is None else (cu_seqlens.shape[0] - 1) * k_uniform
+def _(tokens, saliency, cu_seqlens, k_per_seq, alpha, combine, sorted, backend, max_seqlen=None, k_uniform=None, total_k=None):
+    # one k for every sequence: B * k picks; per-sequence budgets: their sum, given or known only at run time
+    if k_uniform is not None:
+        total = (cu_seqlens.shape[0] - 1) * k_uniform
+    else:
+        total = total_k if total_k is not None else torch.library.get_ctx().new_dynamic_size()
     return tokens.new_empty((total,), dtype=_INT64), cu_seqlens.new_empty(cu_seqlens.shape, dtype=_INT64)
 
 
@@ -266,6 +270,7 @@ def scope_select_varlen(
     backend: str = "auto",
     check_values: bool = False,
     max_seqlen: int | None = None,
+    total_k: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SCOPE on packed sequences of different lengths, FlashAttention-style (SPEC §1).
 
@@ -279,10 +284,16 @@ def scope_select_varlen(
             functions take it. The GPU backends size their padded batch from it instead of
             reading the longest length from the device: with it and an int ``k`` the call never
             syncs (for ``max_seqlen <= 4096``; see docs/semantics.md on larger images), so it can
-            be captured in a CUDA graph. A tensor ``k`` still costs one read, for the output size
-            ``sum(k)``. It must be at least the longest sequence; that is checked
-            wherever the offsets are read (CPU tensors, ``check_values=True``, the PyTorch
-            backends); unchecked, a longer sequence is cut to its first ``max_seqlen`` tokens.
+            be captured in a CUDA graph (a tensor ``k`` also needs ``total_k``). It must be at
+            least the longest sequence; that is checked wherever the offsets are read (CPU
+            tensors, ``check_values=True``, the PyTorch backends); unchecked, a longer sequence
+            is cut to its first ``max_seqlen`` tokens.
+        total_k: optional ``sum(k)`` for a tensor ``k``, the output's length: with it and
+            ``max_seqlen`` a call with per-sequence budgets reads nothing from the device either
+            (and ``torch.compile`` sees a static size). It must equal ``sum(k)`` (for an int
+            ``k``, ``B * k``); that is checked wherever the budgets are read (as for
+            ``max_seqlen``); unchecked, another value gives that many indices, wrong but each
+            inside the sequence it is listed under.
 
     Returns:
         ``(indices, cu_k)``: int64 indices into ``T`` (sequence ``b``'s picks at
@@ -304,11 +315,12 @@ def scope_select_varlen(
     ks = V.check_k_per_seq(k, cu, tokens.device, cu_values, strict)
     max_seqlen = V.check_max_seqlen(max_seqlen, cu_values)
     k_uniform = None if isinstance(k, Tensor) else int(k)
+    total_k = V.check_total_k(total_k, k, k_uniform, cu.shape[0] - 1, strict)
     if check_values:
         V.check_finite(tokens=tokens, saliency=saliency)
     if cu.shape[0] == 1:
         return tokens.new_empty((0,), dtype=_INT64), cu_seqlens.new_zeros((1,))
-    hints = (max_seqlen, k_uniform)
+    hints = (max_seqlen, k_uniform, total_k)
     if resolved is not None and _direct(tokens, saliency, cu, ks):
         indices, cu_k = resolved[1](tokens, saliency, cu, ks, alpha, combine, bool(sorted), *hints)
     else:

@@ -87,11 +87,13 @@ def scope_select_varlen(
     sorted: bool,
     max_seqlen: int | None = None,
     k_uniform: int | None = None,
+    total_k: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SCOPE on packed sequences: ``tokens [T, D]``, ``cu_seqlens [B+1]``, one ``k`` per sequence.
 
-    Returns ``(indices into T, cu_k [B+1])``, both int64. ``max_seqlen`` and ``k_uniform`` are the
-    fast backends' shape hints; the reference reads the offsets and budgets on the host instead.
+    Returns ``(indices into T, cu_k [B+1])``, both int64. ``max_seqlen``, ``k_uniform`` and
+    ``total_k`` are the fast backends' shape hints; the reference reads the offsets and budgets on
+    the host instead.
     """
     bounds = cu_seqlens.tolist()
     ks = k_per_seq.tolist()

@@ -525,6 +525,7 @@ def scope_select_varlen(
     sorted: bool,
     max_seqlen: int | None = None,
     k_uniform: int | None = None,
+    total_k: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """SCOPE on packed sequences ``tokens [T, D]`` with ``cu_seqlens [B+1]`` and one ``k`` per sequence.
 
@@ -532,7 +533,7 @@ def scope_select_varlen(
     batched engine runs with ``k = max(k_per_seq)`` and, by the greedy prefix property, the first
     ``k_b`` picks of sequence ``b`` are its ``k_b``-selection. Padded slots copy a real token's
     saliency; that is harmless because a weight only enters the score of its own token, and
-    padded tokens are never candidates. ``max_seqlen`` and ``k_uniform``: the output shapes, when the
+    padded tokens are never candidates. ``max_seqlen``, ``k_uniform`` and ``total_k``: the output shapes, when the
     caller knows them (see :func:`~vtprune._varlen.select_packed`). Returns ``(indices into T, cu_k
     [B+1])``, int64.
     """
@@ -541,4 +542,4 @@ def scope_select_varlen(
         picks = scope_picks(x, sal, k_max, alpha, combine, lengths.clamp_min(1))
         return sort_prefixes(picks, ks, x.shape[1]) if sorted else picks
 
-    return select_packed(tokens, saliency, cu_seqlens, k_per_seq, sorted, padded_picks, max_seqlen, k_uniform)
+    return select_packed(tokens, saliency, cu_seqlens, k_per_seq, sorted, padded_picks, max_seqlen, k_uniform, total_k)
