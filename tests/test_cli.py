@@ -347,6 +347,19 @@ def test_verify_scope_rule_accepts_ties_and_rejects_wrong_picks():
     same = torch.ones(6, 4, dtype=torch.float64)
     note = check_scope_picks(torch.tensor([5, 4, 3]), torch.tensor([0, 1, 2]), same, torch.ones(6), 0.0, "mul")
     assert note is not None and "near-tie at step 0" in note
+    # an infinite saliency: its token wins step 0 alone (no tie there), and the duplicates 1 and 2
+    # tie next; equal infinite scores must not turn the check's arithmetic into NaN
+    x2 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 1.0]])
+    sal2 = torch.tensor([float("inf"), 1.0, 1.0, 0.1])
+    assert "near-tie at step 1" in check_scope_picks([0, 2], [0, 1], x2, sal2, 1.0, "mul")
+    with pytest.raises(VerificationError, match="step 0"):
+        check_scope_picks([1, 0], [0, 1], x2, sal2, 1.0, "mul")
+    # scores far below the first ones differ by fp32 rounding alone: within the absolute slack of
+    # N-term fp32 sums (1e-6 N per unit of weight) they are near-ties, as assert_same_greedy has it
+    from vtprune._verify import first_near_tie
+
+    tiny = torch.tensor([[1.0, 0.0], [1.0, 1e-4], [1.0, 4e-4], [0.0, 1.0]], dtype=torch.float64)  # step 2: 4e-8 vs 8e-8
+    assert first_near_tie(tiny, torch.ones(4, dtype=torch.float64), [0, 3, 2], 1.0, "mul") == 2
 
 
 def test_verify_holov_near_tie_and_error_rule():

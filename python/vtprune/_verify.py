@@ -130,6 +130,8 @@ def check_greedy_picks(tokens, saliency, picks, alpha: float, combine: str, rel:
         score[picks[:i]] = -np.inf
         arg = int(score.argmax())
         best = float(score[arg])
+        if score[t] == best:  # also equal infinite scores (an infinite saliency), where best - tol is NaN
+            continue
         tol = rel * abs(best) + _score_slack(n, w, t, arg, combine)
         if not score[t] >= best - tol:
             _fail(
@@ -193,7 +195,10 @@ def assert_same_greedy(got, want, tokens, saliency, alpha: float, combine: str, 
 
 
 def first_near_tie(tokens, saliency, picks, alpha: float, combine: str, tie_rel: float = TIE_REL) -> int:
-    """First step of the pick sequence whose best two float64 scores are within ``tie_rel``.
+    """First step of the pick sequence whose best two float64 scores are within ``tie_rel``
+    (relative) plus the absolute slack fp32 sums of ``N`` terms carry (as in
+    :func:`assert_same_greedy`: scores far below the first ones are decided by rounding too).
+    Two equal infinite scores are a tie; one infinite score above finite ones is not.
 
     ``len(picks)`` when the whole sequence is free of near-ties.
     """
@@ -207,8 +212,12 @@ def first_near_tie(tokens, saliency, picks, alpha: float, combine: str, tie_rel:
             gain = np.maximum(sim - cover[:, None], 0.0).sum(axis=0)
             score = gain * w if combine == "mul" else gain + w
             score = np.where(taken, -np.inf, score)
-            top2 = np.sort(score)[-2:]
-            if top2[1] - top2[0] <= tie_rel * max(abs(top2[1]), 1e-30):
+            second, first = np.argsort(score, kind="stable")[-2:]
+            hi, lo = score[first], score[second]
+            if np.isinf(hi):
+                if hi == lo:
+                    return i
+            elif hi - lo <= tie_rel * max(abs(hi), 1e-30) + _score_slack(n, w, int(first), int(second), combine):
                 return i
         taken[t] = True
         cover = np.maximum(cover, sim[:, t])
