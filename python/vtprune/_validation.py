@@ -270,9 +270,9 @@ def check_indices(
         raise ValueError(f"indices must be on the same device as tokens ({device}); got {indices.device}")
     if batch > 0 and read_values(indices, check_values):
         limit = lengths[:, None] if lengths is not None else n
-        bad = ((indices < 0) | (indices >= limit)).nonzero()
-        if bad.shape[0] > 0:
-            row, col = bad[0].tolist()
+        bad = (indices < 0) | (indices >= limit)
+        if bool(bad.any()):  # the first offender is looked up only on the way to the error
+            row, col = bad.nonzero()[0].tolist()
             raise ValueError(
                 f"indices must lie in [0, N) (and below lengths[b] when given); N = {n}, "
                 f"got indices[{row}, {col}] = {int(indices[row, col])}"

@@ -119,11 +119,10 @@ def select_packed(
     # Sequence b's first k_b picks, packed, gathered without a boolean mask (no further sync).
     j = torch.arange(total, device=device)
     seq = torch.searchsorted(cu_k[1:], j, right=True)
-    offset = j - cu_k[seq]
-    if total_k is not None:
-        # An unchecked hint may not be sum(k): then stay inside each row's written picks (a
-        # repeat of its last one), so that every index still lies in its sequence.
+    if total_k is not None:  # an unchecked hint may not be sum(k): no position past the last row
         seq = seq.clamp(max=batch - 1)
-        offset = torch.minimum(j - cu_k[seq], ks[seq].clamp(1, k_max) - 1).clamp_min(0)
+    offset = j - cu_k[seq]
+    if total_k is not None:  # ... nor past a row's written picks (its last one repeats)
+        offset = torch.minimum(offset, ks[seq].clamp(1, k_max) - 1).clamp_min(0)
     indices = picks[seq, offset] + cu[seq]
     return indices, cu_k

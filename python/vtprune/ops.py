@@ -506,9 +506,9 @@ def crop_topk(
             raise ValueError(f"crop_sizes must be >= 0 and sum to at most N = {n}")
     if batch > 0 and V.read_values(q, strict):
         sizes_q = sizes.to(q.device)
-        bad = ((q < 0) | (q > sizes_q)).nonzero()
-        if bad.shape[0] > 0:
-            row, c = bad[0].tolist()
+        bad = (q < 0) | (q > sizes_q)
+        if bool(bad.any()):  # the first offender is looked up only on the way to the error
+            row, c = bad.nonzero()[0].tolist()
             raise ValueError(
                 "budgets must satisfy 0 <= budgets[c] <= crop_sizes[c]; "
                 f"got budgets[{row}, {c}] = {int(q[row, c])} with crop_sizes[{row}, {c}] = {int(sizes_q[row, c])}"
