@@ -167,6 +167,30 @@ def test_nan_similarity_gives_nan_like_the_reference(run):
 
 
 @pytest.mark.parametrize("run", BACKENDS)
+def test_norm_beyond_fp32_as_documented(run):
+    """docs/semantics.md, "Norms beyond fp32": a finite token whose fp32 squared norm overflows is
+    a zero vector to the reference and torch; the kernels divide its products by an infinite
+    norm, so its similarity with itself is NaN and every other one 0. Pinned so that a change of
+    either side is seen."""
+    from vtprune import reference
+    from vtprune.torch_backend import coverage_max_sim as torch_coverage
+
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randn(1, 7, 16, generator=g)
+    tokens[0, 3] *= 1e20  # finite entries; the squared norm overflows fp32
+    indices, lengths = torch.tensor([[1, 3, 5]]), torch.tensor([7])
+    zeroed = tokens.clone()
+    zeroed[0, 3] = 0
+    want = reference.coverage_max_sim(zeroed, indices, lengths)
+    for got in (reference.coverage_max_sim(tokens, indices, lengths), torch_coverage(tokens, indices, lengths)):
+        torch.testing.assert_close(got.double(), want.double(), atol=1e-6, rtol=0)
+    got = run(tokens.to(DEVICE), indices.to(DEVICE), lengths.to(DEVICE)).cpu()
+    assert torch.isnan(got[0, 3]) and int(torch.isnan(got).sum()) == 1, got
+    rows = torch.arange(7) != 3
+    torch.testing.assert_close(got[0, rows].double(), want[0, rows].double(), atol=ATOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("run", BACKENDS)
 def test_invalid_indices_and_lengths_are_clamped_not_read(run):
     g = torch.Generator().manual_seed(7)
     tokens = torch.randn(4, 11, 20, generator=g)
