@@ -42,8 +42,9 @@ struct ScopeWeights {
 // itself would need 512 TiB in fp16 at this size).
 constexpr int64_t kScopeMaxN = int64_t{1} << 24;
 
-// Bytes of the global workspace launch_scope_greedy needs: gain and coverage (fp32) and selected
-// flags (uint8) per token, 9 * B * N (0 when B or N is 0). Host-only, touches no device.
+// Bytes of the global workspace launch_scope_greedy needs: gain and coverage (fp32), open-term
+// counts (int32) and selected flags (uint8) per token, 13 * B * N (0 when B or N is 0).
+// Host-only, touches no device.
 int64_t scope_workspace_bytes(int64_t B, int64_t N);
 
 // SCOPE greedy picks (SPEC §1) in pick order (or ascending, with `sorted`): out[b, i] for i < k_b,

@@ -90,7 +90,7 @@ void require_ptr(const char* name, std::uintptr_t ptr) {
   if (ptr == 0) throw py::value_error(std::string(name) + " is null");
 }
 
-// Tokens [B, N, D] with element strides (stride_b, stride_n, 1), as the token kernels take them.
+// A dtype code of the token and weight arguments (vtprune::DType).
 void check_dtype_code(const char* name, int dtype) {
   if (!vtprune::is_valid_dtype(dtype)) {
     throw py::value_error(std::string(name) + " must be 0 (float32), 1 (float16) or 2 (bfloat16), got " +
@@ -98,6 +98,7 @@ void check_dtype_code(const char* name, int dtype) {
   }
 }
 
+// Tokens [B, N, D] with element strides (stride_b, stride_n, 1), as the token kernels take them.
 void check_token_layout(int64_t D, int64_t stride_b, int64_t stride_n) {
   check_nonnegative("D", D);
   check_nonnegative("stride_b", stride_b);
@@ -461,7 +462,7 @@ PYBIND11_MODULE(_C, m) {
         "token with no valid index gets -inf. Raises RuntimeError if the launch fails.");
 
   m.def("scope_workspace_bytes", &scope_workspace_bytes, py::arg("B"), py::arg("N"),
-        "Bytes of device workspace scope_greedy needs for B images of N tokens (9 * B * N).");
+        "Bytes of device workspace scope_greedy needs for B images of N tokens (13 * B * N).");
   m.def("scope_greedy", &scope_greedy, py::arg("sim_ptr"), py::arg("sim_dtype"),
         py::arg("weights_ptr"), py::arg("lengths_ptr"), py::arg("k_per_image_ptr"), py::arg("B"),
         py::arg("N"), py::arg("k_max"), py::arg("mul"), py::arg("workspace_ptr"),

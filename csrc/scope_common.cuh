@@ -292,9 +292,9 @@ __device__ void write_selected_ascending(const unsigned char* flags, int ncols, 
 }
 
 // The block's best score gain * w (or + w), gain = max(gain, 0) or 0 without open terms, its
-// lowest index and the lowest unselected
-// index, over the unselected columns [0, ncols) whose image index is c0 + v (SPEC §1's tie rule;
-// a NaN score never wins). Afterwards thread 0 holds the block's triple. One barrier.
+// lowest index and the lowest unselected index, over the unselected columns [0, ncols) whose
+// image index is c0 + v (SPEC §1's tie rule; a NaN score never wins). Afterwards thread 0 holds
+// the block's triple. One barrier.
 template <class Tile>
 __device__ __forceinline__ void block_best(const WeightRow& w_b, const float* gain, const int* open,
                                            const unsigned char* flags, int c0, int ncols, bool mul,

@@ -233,7 +233,7 @@ def kernel_weights(saliency: torch.Tensor, alpha: float) -> tuple[torch.Tensor, 
     ``max(w, 0)`` (NaN kept) from ``w``'s rows (unit element stride, any row stride, fp32/fp16/
     bf16), or use 1 for every token when ``unit``. So ``alpha = 1`` (the official default) passes
     the saliency itself and ``alpha = 0`` (pure coverage) nothing: the host launches no kernel
-    for either. Any other ``alpha``, or a float64 saliency (rounded once, as before):
+    for either. Any other ``alpha``, or a float64 saliency (rounded to fp32 once):
     :func:`saliency_weights_f32`, whose ``max(., 0)`` is itself."""
     if alpha == 0.0:
         return saliency, True

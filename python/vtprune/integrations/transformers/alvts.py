@@ -172,9 +172,11 @@ class LayerwiseRouting:
         cached = cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0
         if has_visual and cached:
             raise ValueError("ALVTS routing cannot add visual tokens to a non-empty KV cache (prefill them in one call)")
+        # only a call with visual tokens scores them or shortens the caches, so only it asks
+        padded = has_visual and isinstance(attention_mask, Tensor) and bool((attention_mask == 0).any())
         if not cached:  # a prefill: remember how it fills the cache for the decode steps after it
             self._shortened = has_visual and self.ratio < 1.0
-            self._padded = self._shortened and isinstance(attention_mask, Tensor) and bool((attention_mask == 0).any())
+            self._padded = self._shortened and padded
         elif self._shortened and self._padded:
             raise ValueError(
                 "generation with ALVTS routing (ratio < 1) needs an unpadded batch: the padding mask no longer lines "
@@ -188,8 +190,9 @@ class LayerwiseRouting:
                 "(a selector for each) or use attn_implementation='sdpa'"
             )
         self._current = mask
-        # the 2-D padding mask of the call, for the scores: padding is neither query nor key there
-        self._padding = attention_mask if isinstance(attention_mask, Tensor) and attention_mask.dim() == 2 else None
+        # the 2-D padding mask of a padded call, for the scores: padding is neither query nor key
+        # there (without padding the scores need no mask, and each layer saves the reordering)
+        self._padding = attention_mask if padded and attention_mask.dim() == 2 else None
 
     def _attn_implementation(self) -> str | None:
         """The decoder's attention implementation, read per call (``set_attn_implementation`` may change it)."""
